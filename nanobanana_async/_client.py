@@ -1,0 +1,350 @@
+"""``NanoBananaClient``: ties the protocol, the transport, retries and the poller together."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+from collections.abc import AsyncIterator, Iterable, Sequence
+from types import TracebackType
+from typing import Any, Final
+
+import aiohttp
+from yarl import URL
+
+from . import _protocol, _transport
+from ._errors import (
+    APIConnectionError,
+    ClientClosedError,
+    NanoBananaError,
+    ResponseDecodeError,
+    ServerError,
+    TaskFailedError,
+)
+from ._models import Submission, Task, TaskBatch
+from ._poller import OnUpdate, Poller
+from ._retry import RetryPolicy, is_retryable_read, is_retryable_submission, retrying
+from ._version import __version__
+
+__all__ = ["BASE_URL_ENV", "DEFAULT_BASE_URL", "TOKEN_ENV", "NanoBananaClient", "TaskRef"]
+
+logger = logging.getLogger("nanobanana_async")
+
+DEFAULT_BASE_URL: Final = "https://api.acedata.cloud"
+TOKEN_ENV: Final = "ACEDATACLOUD_API_TOKEN"
+BASE_URL_ENV: Final = "ACEDATACLOUD_API_BASE_URL"
+
+#: What the waiting methods accept: a task id, the Submission that made it, or a record.
+TaskRef = str | Submission | Task
+
+
+class NanoBananaClient:
+    """An asyncio client for the Nano Banana API; one per event loop, closed when done.
+
+    Use it as ``async with NanoBananaClient() as client:`` or call :meth:`aclose`. It
+    creates its aiohttp session on first use inside the running loop, or borrows
+    ``session``, which it then never closes.
+    """
+
+    def __init__(
+        self,
+        token: str | None = None,
+        *,
+        base_url: str | None = None,
+        session: aiohttp.ClientSession | None = None,
+        timeout: float = 30.0,
+        max_retries: int = 3,
+        batch_size: int = 50,
+        poll_interval: float = 1.0,
+        max_poll_interval: float = 5.0,
+        not_found_grace: float = 30.0,
+        callback_poll_interval: float = 15.0,
+        retry: RetryPolicy | None = None,
+    ) -> None:
+        token = token if token is not None else os.environ.get(TOKEN_ENV)
+        if not token or not token.strip():
+            raise NanoBananaError(
+                f"no API token: pass token=... or set the {TOKEN_ENV} environment variable"
+            )
+        base = base_url or os.environ.get(BASE_URL_ENV) or DEFAULT_BASE_URL
+        url = URL(base)
+        if url.scheme not in ("http", "https") or not url.host:
+            raise ValueError(f"base_url must be an http(s) URL, got {base!r}")
+        if not timeout > 0:
+            raise ValueError(f"timeout must be positive, got {timeout!r}")
+        if not 1 <= batch_size <= 1000:
+            raise ValueError(f"batch_size must be from 1 to 1000, got {batch_size!r}")
+        if not 0 < poll_interval <= max_poll_interval:
+            raise ValueError(
+                "poll_interval must be positive and at most max_poll_interval, "
+                f"got {poll_interval!r} and {max_poll_interval!r}"
+            )
+        if not_found_grace < 0 or callback_poll_interval <= 0:
+            raise ValueError("not_found_grace must be >= 0 and callback_poll_interval > 0")
+        if retry is None:
+            retry = RetryPolicy(max_retries=max_retries)
+        elif max_retries != 3 and max_retries != retry.max_retries:
+            raise ValueError("pass max_retries or retry=RetryPolicy(...), not both")
+
+        self._token = token.strip()
+        self._base_url = str(url).rstrip("/")
+        self._api_origin = url.origin()
+        self._headers: Final = {
+            "authorization": f"Bearer {self._token}",
+            "accept": "application/json",
+            "content-type": "application/json",
+            "user-agent": f"nanobanana-async/{__version__}",
+        }
+        self._timeout = aiohttp.ClientTimeout(total=timeout, sock_connect=min(timeout, 10.0))
+        self._session = session
+        self._owns_session = session is None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._closed = False
+        self.batch_size = batch_size
+        self.retry_policy = retry
+        self._read = retrying(self._post, retry, is_retryable_read)
+        self._submit = retrying(self._post, retry, is_retryable_submission)
+        self._poller = Poller(
+            self._fetch_for_poller,
+            batch_size=batch_size,
+            poll_interval=poll_interval,
+            max_poll_interval=max_poll_interval,
+            not_found_grace=not_found_grace,
+            lazy_poll_interval=max(callback_poll_interval, max_poll_interval),
+            max_retry_after=retry.max_retry_after,
+        )
+
+    def __repr__(self) -> str:
+        # Hand-checked: the token never appears, not even in part.
+        state = "closed" if self._closed else "open"
+        return f"<NanoBananaClient base_url={self._base_url!r} token=*** {state}>"
+
+    @property
+    def base_url(self) -> str:
+        """The API's base URL, without a trailing slash."""
+        return self._base_url
+
+    # --- lifecycle ------------------------------------------------------------------
+
+    async def __aenter__(self) -> NanoBananaClient:
+        self._check_open()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        """Stop the poll loop, fail waits still in progress, close an owned session."""
+        if self._closed:
+            return
+        self._closed = True
+        await self._poller.aclose()
+        session, self._session = self._session, None
+        if session is not None and self._owns_session:
+            await session.close()
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise ClientClosedError("this NanoBananaClient is closed")
+
+    def _get_session(self) -> aiohttp.ClientSession:
+        self._check_open()
+        loop = asyncio.get_running_loop()
+        if self._loop is None:
+            self._loop = loop
+        elif self._loop is not loop:
+            # A session and its futures belong to one loop; silently making a second
+            # would leak the first. One client per event loop.
+            raise NanoBananaError(
+                "this NanoBananaClient was first used in another event loop; "
+                "create one client per event loop (e.g. per asyncio.run call)"
+            )
+        if self._session is None:
+            self._session = aiohttp.ClientSession()
+        return self._session
+
+    # --- the request primitive --------------------------------------------------------
+
+    async def _post(self, path: str, body: dict[str, Any]) -> _protocol.RawResponse:
+        """One attempt: send, read, and raise the error the answer stands for."""
+        response = await _transport.post(
+            self._get_session(),
+            self._base_url + path,
+            json.dumps(body).encode(),
+            headers=self._headers,
+            timeout=self._timeout,
+        )
+        logger.debug("POST %s %s -> %d", path, body.get("action"), response.status)
+        error = _protocol.error_for(response)
+        if error is not None:
+            raise error
+        return response
+
+    # --- submitting -------------------------------------------------------------------
+
+    async def generate(
+        self,
+        prompt: str,
+        *,
+        model: str | None = None,
+        aspect_ratio: str | None = None,
+        resolution: str | None = None,
+        count: int | None = None,
+        callback_url: str | None = None,
+    ) -> Submission:
+        """Submit an image generation; returns at once with the task to wait on."""
+        body = _protocol.build_submission(
+            "generate",
+            prompt,
+            model=model,
+            aspect_ratio=aspect_ratio,
+            resolution=resolution,
+            count=count,
+            callback_url=callback_url,
+        )
+        return await self._submit_body(body, callback_url)
+
+    async def edit(
+        self,
+        prompt: str,
+        image_urls: Sequence[str],
+        *,
+        model: str | None = None,
+        aspect_ratio: str | None = None,
+        resolution: str | None = None,
+        count: int | None = None,
+        callback_url: str | None = None,
+    ) -> Submission:
+        """Submit an edit of ``image_urls`` (http(s) or ``data:`` URLs); returns at once."""
+        body = _protocol.build_submission(
+            "edit",
+            prompt,
+            image_urls=image_urls,
+            model=model,
+            aspect_ratio=aspect_ratio,
+            resolution=resolution,
+            count=count,
+            callback_url=callback_url,
+        )
+        return await self._submit_body(body, callback_url)
+
+    async def _submit_body(self, body: dict[str, Any], callback_url: str | None) -> Submission:
+        try:
+            response = await self._submit(_protocol.IMAGES_PATH, body)
+        except NanoBananaError as exc:
+            if _may_have_created_task(exc):
+                exc.add_note(
+                    "The submission may have reached the service and created a task; "
+                    "it was not retried, to avoid paying twice."
+                )
+            raise
+        submission = _protocol.parse_submission(response, callback_url=callback_url)
+        logger.debug(
+            "submitted %s: task_id=%s trace_id=%s",
+            body["action"],
+            submission.task_id,
+            submission.trace_id,
+        )
+        return submission
+
+    # --- reading ----------------------------------------------------------------------
+
+    async def retrieve(self, task_id: str) -> Task:
+        """Read one task record; an id the service does not know raises TaskNotFoundError."""
+        body = _protocol.build_retrieve(task_id)
+        response = await self._read(_protocol.TASKS_PATH, body)
+        return _protocol.parse_task(response, task_id)
+
+    async def retrieve_batch(self, task_ids: Iterable[str]) -> TaskBatch:
+        """Read many records, ``batch_size`` ids per request; unknown ids are absent."""
+        ids = _protocol.check_task_ids(task_ids)
+        chunks = [ids[i : i + self.batch_size] for i in range(0, len(ids), self.batch_size)]
+        batches = await asyncio.gather(*(self._retrieve_chunk(chunk) for chunk in chunks))
+        items = [task for batch in batches for task in batch.items]
+        return TaskBatch(items=items, count=len(items))
+
+    async def _retrieve_chunk(self, ids: list[str]) -> TaskBatch:
+        response = await self._read(_protocol.TASKS_PATH, _protocol.build_retrieve_batch(ids))
+        return _protocol.parse_task_batch(response)
+
+    async def _fetch_for_poller(
+        self, ids: list[str]
+    ) -> tuple[dict[str, Task], dict[str, ResponseDecodeError]]:
+        response = await self._read(_protocol.TASKS_PATH, _protocol.build_retrieve_batch(ids))
+        return _protocol.decode_task_items(response)
+
+    # --- waiting ----------------------------------------------------------------------
+
+    async def wait(
+        self,
+        task: TaskRef,
+        *,
+        timeout: float | None = 600.0,
+        on_update: OnUpdate | None = None,
+    ) -> Task:
+        """Wait until the task has finished; returns its record, succeeded or failed.
+
+        Raises TaskTimeoutError after ``timeout`` seconds (None: no deadline), with the
+        last record seen. ``on_update`` (a function or coroutine function) is called
+        with the record each time it changes, at least once with the finished one.
+        """
+        task_id, lazy = _task_ref(task)
+        if isinstance(task, Task) and task.done:
+            if on_update is not None:
+                result = on_update(task)
+                if asyncio.iscoroutine(result):
+                    await result
+            return task
+        self._get_session()  # fail fast when closed or in the wrong loop
+        return await self._poller.wait(task_id, timeout=timeout, on_update=on_update, lazy=lazy)
+
+    async def await_completion(
+        self,
+        task: TaskRef,
+        *,
+        timeout: float | None = 600.0,
+        on_update: OnUpdate | None = None,
+    ) -> list[str]:
+        """Wait for the task and return its image URLs; raises TaskFailedError if it failed."""
+        finished = await self.wait(task, timeout=timeout, on_update=on_update)
+        if finished.failure is not None:
+            raise TaskFailedError(finished)
+        return finished.image_urls
+
+    def as_completed(
+        self, tasks: Iterable[TaskRef], *, timeout: float | None = None
+    ) -> AsyncIterator[Task]:
+        """Yield each task's finished record once, as they finish (failed ones too).
+
+        After ``timeout`` seconds in all, raises TaskTimeoutError for a task still
+        pending and stops waiting on the rest. Leaving the loop early ends the waits
+        (at once with ``contextlib.aclosing``, else when the iterator is collected).
+        """
+        refs = [_task_ref(task) for task in tasks]
+        self._get_session()
+        return self._poller.as_completed(
+            [task_id for task_id, _ in refs],
+            timeout=timeout,
+            lazy=[task_id for task_id, lazy in refs if lazy],
+        )
+
+
+def _task_ref(task: TaskRef) -> tuple[str, bool]:
+    """(task id, whether a callback will announce it) for anything naming a task."""
+    if isinstance(task, Submission):
+        return _protocol.check_task_id(task.task_id), task.callback_url is not None
+    if isinstance(task, Task):
+        return _protocol.check_task_id(task.id), False
+    return _protocol.check_task_id(task), False
+
+
+def _may_have_created_task(exc: NanoBananaError) -> bool:
+    if isinstance(exc, APIConnectionError):
+        return exc.request_sent
+    return isinstance(exc, ServerError | ResponseDecodeError)

@@ -1,0 +1,207 @@
+"""The one cattrs converter that turns wire JSON into our records, configured once.
+
+Production decoding ignores unknown keys, so fields the service adds tomorrow do not
+break anyone. Tests build a strict twin with ``make_converter(forbid_extra_keys=True)``
+and run it over recorded samples, so API drift shows up as a failing test.
+
+Primitive hooks are strict: a number where a string belongs is a decode error naming
+the field's path, not a silently stringified value.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from types import UnionType
+from typing import Any, TypeVar, Union, get_args, get_origin
+
+import attrs
+import cattrs
+from cattrs.cols import list_structure_factory
+from cattrs.gen import make_dict_structure_fn, override
+
+from ._models import ErrorDetail, Submission, Task
+
+__all__ = ["DecodeFailure", "converter", "make_converter", "structure"]
+
+T = TypeVar("T")
+
+
+class DecodeFailure(Exception):
+    """A wire value did not fit its record; ``paths`` says where, as ``$.a.b`` lines."""
+
+    def __init__(self, paths: list[str]) -> None:
+        self.paths = paths
+        super().__init__("; ".join(paths))
+
+
+def _type_error(expected: str, value: Any) -> TypeError:
+    return TypeError(f"expected {expected}, got {type(value).__name__}")
+
+
+# Strict primitive hooks, each in one call: these run for every field of every record.
+# JSON has one number type, so a float field takes ints too, but never bools.
+
+
+def _structure_str(value: Any, _: type) -> str:
+    if type(value) is str:
+        return value
+    raise _type_error("a string", value)
+
+
+def _structure_optional_str(value: Any, _: type) -> str | None:
+    if value is None or type(value) is str:
+        return value
+    raise _type_error("a string or null", value)
+
+
+def _structure_float(value: Any, _: type) -> float:
+    if type(value) is float:
+        return value
+    if type(value) is int:
+        return float(value)
+    raise _type_error("a number", value)
+
+
+def _structure_optional_float(value: Any, _: type) -> float | None:
+    return None if value is None else _structure_float(value, float)
+
+
+def _structure_int(value: Any, _: type) -> int:
+    if type(value) is int:
+        return value
+    raise _type_error("an integer", value)
+
+
+def _structure_optional_int(value: Any, _: type) -> int | None:
+    return None if value is None else _structure_int(value, int)
+
+
+def _structure_bool(value: Any, _: type) -> bool:
+    if type(value) is bool:
+        return value
+    raise _type_error("a boolean", value)
+
+
+def _structure_optional_bool(value: Any, _: type) -> bool | None:
+    if value is None or type(value) is bool:
+        return value
+    raise _type_error("a boolean or null", value)
+
+
+def _structure_json_object(value: Any, _: type) -> dict[str, Any]:
+    # A task's ``request`` is the caller's own body, kept as is.
+    if type(value) is dict:
+        return value
+    raise _type_error("an object", value)
+
+
+def _optional_json_object(value: Any, _: type) -> dict[str, Any] | None:
+    return None if value is None else _structure_json_object(value, dict)
+
+
+_PRIMITIVES: dict[Any, Callable[[Any, type], Any]] = {
+    str: _structure_str,
+    str | None: _structure_optional_str,
+    float: _structure_float,
+    float | None: _structure_optional_float,
+    int: _structure_int,
+    int | None: _structure_optional_int,
+    bool: _structure_bool,
+    bool | None: _structure_optional_bool,
+    dict[str, Any]: _structure_json_object,
+    dict[str, Any] | None: _optional_json_object,
+}
+
+
+def _is(hint: Any) -> Callable[[Any], bool]:
+    return lambda cls: bool(cls == hint)
+
+
+def _is_list(cls: Any) -> bool:
+    return get_origin(cls) is list
+
+
+def _is_optional(cls: Any) -> bool:
+    args = get_args(cls)
+    return get_origin(cls) in (Union, UnionType) and len(args) == 2 and type(None) in args
+
+
+# Wire keys that differ from field names, and fields that never come from the wire.
+_OVERRIDES: dict[type, dict[str, Any]] = {
+    Task: {"record_id": override(rename="_id")},
+    Submission: {"callback_url": override(omit=True)},
+}
+
+
+def make_converter(*, forbid_extra_keys: bool = False) -> cattrs.Converter:
+    """Build a converter for our records; production uses the module's ``converter``."""
+    conv = cattrs.Converter(forbid_extra_keys=forbid_extra_keys, detailed_validation=True)
+
+    def list_hook(cls: Any) -> Any:
+        # cattrs would iterate any iterable: a string would become a list of characters.
+        items = list_structure_factory(cls, conv)
+
+        def structure_list(value: Any, cls: Any) -> list[Any]:
+            if value is None:  # JSON null for an empty collection
+                return []
+            if not isinstance(value, list):
+                raise TypeError(f"expected an array, got {type(value).__name__}")
+            return items(value, cls)  # type: ignore[no-any-return]
+
+        return structure_list
+
+    def record_hook(cls: Any) -> Any:
+        # cattrs reads attrs classes with ``in`` and ``[]``: a string would pass as empty.
+        fields = make_dict_structure_fn(cls, conv, **_OVERRIDES.get(cls, {}))
+
+        def structure_record(value: Any, cls: Any) -> Any:
+            if not isinstance(value, dict):
+                raise TypeError(f"expected an object, got {type(value).__name__}")
+            return fields(value, cls)
+
+        return structure_record
+
+    def optional_hook(cls: Any) -> Any:
+        # cattrs' generic Optional handling dispatches on every value; resolve once here.
+        (inner_type,) = (arg for arg in get_args(cls) if arg is not type(None))
+        inner = conv.get_structure_hook(inner_type)
+
+        def structure_optional(value: Any, _: Any) -> Any:
+            return None if value is None else inner(value, inner_type)
+
+        return structure_optional
+
+    conv.register_structure_hook_factory(_is_optional, optional_hook)
+    for hint, hook in _PRIMITIVES.items():
+        conv.register_structure_hook_func(_is(hint), hook)
+    conv.register_structure_hook_factory(_is_list, list_hook)
+    conv.register_structure_hook_factory(attrs.has, record_hook)
+
+    error_detail = record_hook(ErrorDetail)
+
+    def structure_error_detail(value: Any, cls: type) -> ErrorDetail:
+        # The service occasionally sends the error as a bare string.
+        if isinstance(value, str):
+            return ErrorDetail(code=None, message=value)
+        return error_detail(value, cls)  # type: ignore[no-any-return]
+
+    conv.register_structure_hook(ErrorDetail, structure_error_detail)
+    return conv
+
+
+converter = make_converter()
+
+
+def structure(
+    value: Any, cls: type[T], *, path: str = "$", conv: cattrs.Converter | None = None
+) -> T:
+    """Structure ``value`` as ``cls``, turning any cattrs failure into a DecodeFailure.
+
+    ``path`` names where ``value`` sits in the body, for the failure's messages.
+    """
+    if not isinstance(value, dict):
+        raise DecodeFailure([f"expected an object, got {type(value).__name__} @ {path}"])
+    try:
+        return (conv or converter).structure(value, cls)
+    except (cattrs.BaseValidationError, TypeError, ValueError, KeyError, AttributeError) as exc:
+        raise DecodeFailure(cattrs.transform_error(exc, path=path)) from None

@@ -1,0 +1,440 @@
+"""The poll loop: every wait on one client shares it, and it reads many tasks per request.
+
+Each watched task id has one entry, shared by all its waiters, with its own next-due
+time that backs off from ``poll_interval`` to ``max_poll_interval``. When the soonest
+entry is due, a round goes out: the due entries are split into ``retrieve_batch``
+requests of ``batch_size`` ids, and the last request is topped up with the entries due
+next, since a request costs the same for 1 id or 50. So the request rate follows
+``ceil(pending / batch_size)``, not the number of waiters.
+
+The loop runs as one asyncio task, started by the first waiter and stopped when the
+last one leaves. Due times live in a heap, so a round costs work in proportion to the
+entries it polls, not to all entries watched.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import heapq
+import inspect
+import itertools
+import logging
+import random
+from collections.abc import AsyncIterator, Awaitable, Callable, Generator, Iterable
+from typing import Any
+
+import backoff
+
+from ._errors import (
+    AuthenticationError,
+    BadRequestError,
+    ClientClosedError,
+    NanoBananaError,
+    NotFoundError,
+    PermissionDeniedError,
+    RateLimitError,
+    ResponseDecodeError,
+    TaskNotFoundError,
+    TaskTimeoutError,
+)
+from ._models import Task
+
+__all__ = ["FetchBatch", "OnUpdate", "Poller"]
+
+logger = logging.getLogger("nanobanana_async")
+
+#: Reads some task ids: (records by id, decode errors by id); unknown ids are absent.
+FetchBatch = Callable[
+    [list[str]], Awaitable[tuple[dict[str, Task], dict[str, ResponseDecodeError]]]
+]
+#: Called with a task's record each time it changes; may be a coroutine function.
+OnUpdate = Callable[[Task], Any]
+
+# Errors that no retry can mend: every waiter fails with them at once.
+_FATAL = (AuthenticationError, PermissionDeniedError, NotFoundError, BadRequestError)
+
+# Each task's poll interval grows by this factor per unanswered poll, up to the cap.
+# Gentler than doubling: a round reads up to batch_size tasks for the price of one,
+# so frequent polls are cheap while the finish-to-return delay stays short.
+_GROWTH = 1.5
+_JITTER = 0.1  # +-10 %: spreads tasks submitted together without breaking batches up
+_MAX_FAILURE_WAIT = 30.0  # cap on the loop's own backoff after failed rounds
+_CONCURRENT_REQUESTS = 8  # batch requests of one round in flight at once
+
+
+class _Entry:
+    """One watched task id: its schedule, last record, and the future its waiters share."""
+
+    __slots__ = (
+        "_changed",
+        "delays",
+        "done",
+        "due",
+        "last",
+        "lazy",
+        "missing_since",
+        "refs",
+        "scheduled",
+        "task_id",
+        "version",
+    )
+
+    def __init__(self, task_id: str, done: asyncio.Future[Task], lazy: bool) -> None:
+        self.task_id = task_id
+        self.done = done
+        self.lazy = lazy
+        self.refs = 0
+        self.last: Task | None = None
+        self.version = 0
+        self.due = 0.0
+        self.scheduled = False  # whether a live heap item stands for this entry
+        self.missing_since: float | None = None
+        self.delays: Generator[float, Any, None] | None = None
+        self._changed: asyncio.Future[None] | None = None
+
+    def changed(self) -> asyncio.Future[None]:
+        """A future resolved at the entry's next record change or completion."""
+        if self._changed is None:
+            self._changed = self.done.get_loop().create_future()
+        return self._changed
+
+    def update(self, task: Task) -> None:
+        if task != self.last:
+            self.last = task
+            self.version += 1
+            self._wake()
+
+    def _wake(self) -> None:
+        if self._changed is not None:
+            if not self._changed.done():
+                self._changed.set_result(None)
+            self._changed = None
+
+    def settle(self, result: Task | BaseException) -> None:
+        if not self.done.done():
+            if isinstance(result, Task):
+                self.done.set_result(result)
+            else:
+                self.done.set_exception(result)
+        self._wake()
+
+
+class Poller:
+    """The shared poll loop of one client, bound to the event loop it first ran in."""
+
+    def __init__(
+        self,
+        fetch: FetchBatch,
+        *,
+        batch_size: int,
+        poll_interval: float,
+        max_poll_interval: float,
+        not_found_grace: float,
+        lazy_poll_interval: float,
+        max_retry_after: float = 60.0,
+    ) -> None:
+        self._fetch = fetch
+        self._batch_size = batch_size
+        self._poll_interval = poll_interval
+        self._max_poll_interval = max_poll_interval
+        self._not_found_grace = not_found_grace
+        self._lazy_poll_interval = lazy_poll_interval
+        self._max_retry_after = max_retry_after
+        self._entries: dict[str, _Entry] = {}
+        self._heap: list[tuple[float, int, _Entry]] = []
+        self._seq = itertools.count()
+        self._task: asyncio.Task[None] | None = None
+        self._wakeup: asyncio.Event | None = None
+        self._sleeping_until = float("inf")
+        self._paused_until = 0.0
+        self._failure_delays: Generator[float, Any, None] | None = None
+        self._closed = False
+
+    # --- waiters --------------------------------------------------------------------
+
+    async def wait(
+        self,
+        task_id: str,
+        *,
+        timeout: float | None,
+        on_update: OnUpdate | None = None,
+        lazy: bool = False,
+    ) -> Task:
+        """The finished record of ``task_id``; raises TaskTimeoutError at the deadline."""
+        entry = self._acquire(task_id, lazy=lazy)
+        try:
+            async with asyncio.timeout(timeout):
+                if on_update is None:
+                    return await asyncio.shield(entry.done)
+                return await _follow(entry, on_update)
+        except TimeoutError as exc:
+            if isinstance(exc, NanoBananaError):
+                raise
+            if entry.done.done() and not entry.done.cancelled():
+                return entry.done.result()  # finished in the very same loop iteration
+            raise TaskTimeoutError(task_id, entry.last, timeout=timeout) from None
+        finally:
+            await self._release(entry)
+
+    async def as_completed(
+        self, task_ids: Iterable[str], *, timeout: float | None, lazy: Iterable[str] = ()
+    ) -> AsyncIterator[Task]:
+        """Yield each task's finished record once, in the order they finish."""
+        lazy_ids = set(lazy)
+        entries = {
+            task_id: self._acquire(task_id, lazy=task_id in lazy_ids)
+            for task_id in dict.fromkeys(task_ids)
+        }
+        finished: asyncio.Queue[_Entry] = asyncio.Queue()
+        callbacks = []
+        for entry in entries.values():
+
+            def on_done(_: object, entry: _Entry = entry) -> None:
+                finished.put_nowait(entry)
+
+            entry.done.add_done_callback(on_done)
+            callbacks.append((entry, on_done))
+        loop = asyncio.get_running_loop()
+        deadline = None if timeout is None else loop.time() + timeout
+        try:
+            while entries:
+                try:
+                    async with asyncio.timeout_at(deadline):
+                        entry = await finished.get()
+                except TimeoutError:
+                    pending = next(iter(entries.values()))
+                    raise TaskTimeoutError(pending.task_id, pending.last, timeout=timeout) from None
+                del entries[entry.task_id]
+                result = entry.done.result()
+                await self._release(entry)
+                yield result
+        finally:
+            for entry, on_done in callbacks:
+                entry.done.remove_done_callback(on_done)
+            for entry in entries.values():
+                await self._release(entry)
+
+    def feed(self, task: Task) -> bool:
+        """Offer a record seen elsewhere (a callback); True if it finished a watched task."""
+        entry = self._entries.get(task.id)
+        if entry is None:
+            return False
+        entry.update(task)
+        if not task.done:
+            return False
+        self._finish(entry, task)
+        return True
+
+    def watching(self, task_id: str) -> bool:
+        """Whether some waiter is waiting on ``task_id``."""
+        return task_id in self._entries
+
+    async def aclose(self) -> None:
+        """Fail the remaining waiters and stop the loop; the poller is unusable after."""
+        self._closed = True
+        for entry in list(self._entries.values()):
+            self._fail(entry, ClientClosedError("the client was closed during the wait"))
+        await self._stop()
+
+    # --- bookkeeping ----------------------------------------------------------------
+
+    def _acquire(self, task_id: str, *, lazy: bool) -> _Entry:
+        if self._closed:
+            raise ClientClosedError("the client is closed")
+        loop = asyncio.get_running_loop()
+        entry = self._entries.get(task_id)
+        if entry is None:
+            entry = _Entry(task_id, loop.create_future(), lazy)
+            self._entries[task_id] = entry
+            self._schedule(entry, loop.time())
+        else:
+            entry.lazy = entry.lazy and lazy  # one eager waiter is enough to poll eagerly
+        entry.refs += 1
+        if self._task is None or self._task.done():
+            self._wakeup = asyncio.Event()
+            self._sleeping_until = float("inf")
+            self._task = loop.create_task(self._run(), name="nanobanana-async poller")
+        return entry
+
+    async def _release(self, entry: _Entry) -> None:
+        if entry.done.done() and not entry.done.cancelled():
+            entry.done.exception()  # seen by this waiter: no "never retrieved" report
+        entry.refs -= 1
+        if entry.refs == 0 and self._entries.get(entry.task_id) is entry:
+            self._forget(entry)
+        if not self._entries:
+            await self._stop()
+
+    async def _stop(self) -> None:
+        task, self._task = self._task, None
+        if task is not None and not task.done():
+            task.cancel()
+            await asyncio.wait([task])
+
+    def _forget(self, entry: _Entry) -> None:
+        del self._entries[entry.task_id]
+        entry.scheduled = False  # its heap item, if any, is skipped when popped
+
+    def _finish(self, entry: _Entry, task: Task) -> None:
+        if self._entries.get(entry.task_id) is entry:
+            self._forget(entry)
+        entry.update(task)
+        entry.settle(task)
+
+    def _fail(self, entry: _Entry, error: BaseException) -> None:
+        if self._entries.get(entry.task_id) is entry:
+            self._forget(entry)
+        entry.settle(error)
+
+    def _schedule(self, entry: _Entry, now: float, delay: float | None = None) -> None:
+        if delay is None:
+            if entry.delays is None:
+                entry.delays = backoff.expo(
+                    base=_GROWTH, factor=self._poll_interval, max_value=self._max_poll_interval
+                )
+                next(entry.delays)  # backoff's generators start with a bare yield
+            if entry.lazy:
+                delay = self._lazy_poll_interval
+            else:
+                delay = next(entry.delays) * random.uniform(1 - _JITTER, 1 + _JITTER)
+                delay = min(max(delay, self._poll_interval), self._max_poll_interval)
+        entry.due = now + delay
+        entry.scheduled = True
+        heapq.heappush(self._heap, (entry.due, next(self._seq), entry))
+        if entry.due < self._sleeping_until and self._wakeup is not None:
+            self._wakeup.set()
+
+    def _peek(self) -> _Entry | None:
+        heap = self._heap
+        while heap:
+            due, _, entry = heap[0]
+            if entry.scheduled and entry.due == due:
+                return entry
+            heapq.heappop(heap)  # stale: forgotten or rescheduled since
+        return None
+
+    def _take_round(self, now: float) -> list[list[_Entry]]:
+        """Pop the due entries, topped up with the next due, cut into batches."""
+        taken: list[_Entry] = []
+        while (entry := self._peek()) is not None and entry.due <= now:
+            heapq.heappop(self._heap)
+            entry.scheduled = False
+            taken.append(entry)
+        room = -len(taken) % self._batch_size
+        while room and (entry := self._peek()) is not None:
+            heapq.heappop(self._heap)
+            entry.scheduled = False
+            taken.append(entry)
+            room -= 1
+        size = self._batch_size
+        return [taken[i : i + size] for i in range(0, len(taken), size)]
+
+    # --- the loop -------------------------------------------------------------------
+
+    async def _run(self) -> None:
+        try:
+            await self._rounds()
+        except Exception as exc:  # a bug must fail the waiters, not leave them hanging
+            logger.exception("the poll loop crashed")
+            for entry in list(self._entries.values()):
+                self._fail(entry, exc)
+
+    async def _rounds(self) -> None:
+        loop = asyncio.get_running_loop()
+        limit = asyncio.Semaphore(_CONCURRENT_REQUESTS)
+        while self._entries:
+            now = loop.time()
+            entry = self._peek()
+            wake_at = max(entry.due if entry is not None else float("inf"), self._paused_until)
+            if wake_at > now:
+                await self._sleep_until(wake_at)
+                continue
+            batches = self._take_round(now)
+            await asyncio.gather(*(self._poll(batch, limit) for batch in batches))
+
+    async def _sleep_until(self, when: float) -> None:
+        assert self._wakeup is not None
+        self._wakeup.clear()
+        self._sleeping_until = when
+        handle = None
+        if when != float("inf"):
+            handle = asyncio.get_running_loop().call_at(when, self._wakeup.set)
+        try:
+            await self._wakeup.wait()
+        finally:
+            self._sleeping_until = float("inf")
+            if handle is not None:
+                handle.cancel()
+
+    async def _poll(self, batch: list[_Entry], limit: asyncio.Semaphore) -> None:
+        loop = asyncio.get_running_loop()
+        async with limit:
+            batch = [entry for entry in batch if self._entries.get(entry.task_id) is entry]
+            if not batch:
+                return
+            try:
+                tasks, errors = await self._fetch([entry.task_id for entry in batch])
+            except _FATAL as exc:
+                logger.error("polling stopped: %s", exc)
+                for entry in list(self._entries.values()):
+                    self._fail(entry, exc)
+                return
+            except NanoBananaError as exc:
+                self._round_failed(batch, exc, loop.time())
+                return
+        self._failure_delays = None
+        now = loop.time()
+        for entry in batch:
+            if self._entries.get(entry.task_id) is not entry:
+                continue  # its waiters left, or a callback finished it, during the request
+            task = tasks.get(entry.task_id)
+            if task is not None:
+                entry.missing_since = None
+                if task.done:
+                    self._finish(entry, task)
+                else:
+                    entry.update(task)
+                    self._schedule(entry, now)
+            elif entry.task_id in errors:
+                self._fail(entry, errors[entry.task_id])
+            else:
+                # The service may not list a just-submitted id yet: give it some grace.
+                if entry.missing_since is None:
+                    entry.missing_since = now
+                if now - entry.missing_since >= self._not_found_grace:
+                    self._fail(entry, TaskNotFoundError(entry.task_id))
+                else:
+                    self._schedule(entry, now)
+
+    def _round_failed(self, batch: list[_Entry], exc: NanoBananaError, now: float) -> None:
+        """Put a failed request's entries back, later; a 429 pauses the whole loop."""
+        if self._failure_delays is None:
+            self._failure_delays = backoff.expo(
+                factor=self._poll_interval,
+                max_value=max(self._max_poll_interval, _MAX_FAILURE_WAIT),
+            )
+            next(self._failure_delays)
+        delay = max(self._poll_interval, backoff.full_jitter(next(self._failure_delays)))
+        if isinstance(exc, RateLimitError):
+            if exc.retry_after is not None:
+                delay = min(exc.retry_after, self._max_retry_after)
+            self._paused_until = max(self._paused_until, now + delay)
+        logger.warning("poll request failed, retrying in %.1f s: %s", delay, exc)
+        for entry in batch:
+            if self._entries.get(entry.task_id) is entry:
+                self._schedule(entry, now, delay)
+
+
+async def _follow(entry: _Entry, on_update: OnUpdate) -> Task:
+    """Wait for the entry to finish, calling ``on_update`` with each new record."""
+    seen = 0
+    while True:
+        if entry.version > seen and entry.last is not None:
+            seen = entry.version
+            result = on_update(entry.last)
+            if inspect.isawaitable(result):
+                await result
+            continue  # the record may have changed again while on_update ran
+        if entry.done.done():
+            return entry.done.result()
+        await asyncio.shield(entry.changed())

@@ -1,0 +1,372 @@
+"""The Nano Banana wire protocol, with no I/O: build request bodies, read responses.
+
+Everything here is a pure function of its arguments, so it is unit-tested on recorded
+samples without a server. ``_client`` sends what ``build_*`` returns and hands the
+answer's status, headers and body to ``parse_*``, which return records or raise the
+matching error from ``_errors``. This module is where HTTP statuses and error codes
+are mapped to exceptions.
+"""
+
+from __future__ import annotations
+
+import email.utils
+import json
+import re
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any, Final, Literal, TypeVar
+
+import attrs
+
+from ._converter import DecodeFailure, structure
+from ._errors import (
+    APIError,
+    AuthenticationError,
+    BadRequestError,
+    NotFoundError,
+    PermissionDeniedError,
+    RateLimitError,
+    ResponseDecodeError,
+    ServerError,
+    TaskNotFoundError,
+)
+from ._models import Submission, Task, TaskBatch
+
+__all__ = [
+    "IMAGES_PATH",
+    "TASKS_PATH",
+    "RawResponse",
+    "build_retrieve",
+    "build_retrieve_batch",
+    "build_submission",
+    "check_task_id",
+    "check_task_ids",
+    "decode_task_items",
+    "error_for",
+    "parse_retry_after",
+    "parse_submission",
+    "parse_task",
+    "parse_task_batch",
+]
+
+IMAGES_PATH: Final = "/nano-banana/images"
+TASKS_PATH: Final = "/nano-banana/tasks"
+
+ASPECT_RATIOS: Final = frozenset({"1:1", "3:2", "2:3", "16:9", "9:16", "4:3", "3:4"})
+RESOLUTIONS: Final = frozenset({"1K", "2K", "4K"})
+MAX_RETRY_AFTER: Final = 60.0  # seconds; a larger hint is capped, not obeyed blindly
+
+T = TypeVar("T")
+
+
+@attrs.frozen
+class RawResponse:
+    """What the transport read: status, headers, and the whole body as bytes."""
+
+    status: int
+    headers: Mapping[str, str]
+    body: bytes
+
+
+# --- requests ---------------------------------------------------------------------
+
+
+def _check_text(name: str, value: object) -> str:
+    if not isinstance(value, str) or not value.strip():
+        raise ValueError(f"{name} must be a non-empty string, got {value!r}")
+    return value
+
+
+def check_task_id(task_id: object) -> str:
+    """Return ``task_id`` if it is a non-empty string, else raise ValueError."""
+    return _check_text("task_id", task_id)
+
+
+def check_task_ids(task_ids: Iterable[str]) -> list[str]:
+    """Validate ids and drop repeats, keeping the first-seen order."""
+    if isinstance(task_ids, str):
+        raise ValueError("task_ids must be a list of ids, not a single string")
+    ids = list(dict.fromkeys(check_task_id(task_id) for task_id in task_ids))
+    if not ids:
+        raise ValueError("task_ids must not be empty")
+    return ids
+
+
+def build_submission(
+    action: Literal["generate", "edit"],
+    prompt: str,
+    *,
+    image_urls: Sequence[str] | None = None,
+    model: str | None = None,
+    aspect_ratio: str | None = None,
+    resolution: str | None = None,
+    count: int | None = None,
+    callback_url: str | None = None,
+) -> dict[str, Any]:
+    """The body of a ``generate`` or ``edit`` request.
+
+    Always asks for ``async`` handling, so no request is held open while the image is
+    made; sends only the options the caller set (for ``edit``, an absent
+    ``aspect_ratio`` means "like the first image").
+    """
+    body: dict[str, Any] = {"action": action, "prompt": _check_text("prompt", prompt)}
+    if action == "edit":
+        if image_urls is None or isinstance(image_urls, str) or not list(image_urls):
+            raise ValueError("image_urls must be a non-empty list of URLs for edit")
+        body["image_urls"] = [_check_text("image_urls[]", url) for url in image_urls]
+    elif image_urls is not None:
+        raise ValueError("image_urls is only for edit")
+    if model is not None:
+        # The model list grows: unknown names pass through, the service judges them.
+        body["model"] = _check_text("model", model)
+    if aspect_ratio is not None:
+        if aspect_ratio not in ASPECT_RATIOS:
+            raise ValueError(
+                f"aspect_ratio must be one of {sorted(ASPECT_RATIOS)}, got {aspect_ratio!r}"
+            )
+        body["aspect_ratio"] = aspect_ratio
+    if resolution is not None:
+        if resolution not in RESOLUTIONS:
+            raise ValueError(f"resolution must be one of {sorted(RESOLUTIONS)}, got {resolution!r}")
+        body["resolution"] = resolution
+    if count is not None:
+        if isinstance(count, bool) or not isinstance(count, int) or not 1 <= count <= 4:
+            raise ValueError(f"count must be an integer from 1 to 4, got {count!r}")
+        body["count"] = count
+    if callback_url is not None:
+        if not isinstance(callback_url, str) or not re.match(r"https?://", callback_url):
+            raise ValueError(f"callback_url must be an http(s) URL, got {callback_url!r}")
+        body["callback_url"] = callback_url
+    body["async"] = True
+    return body
+
+
+def build_retrieve(task_id: str) -> dict[str, Any]:
+    """The body that reads one task record."""
+    return {"action": "retrieve", "id": check_task_id(task_id)}
+
+
+def build_retrieve_batch(task_ids: Sequence[str]) -> dict[str, Any]:
+    """The body that reads many task records at once (ids already checked)."""
+    return {"action": "retrieve_batch", "ids": list(task_ids)}
+
+
+# --- responses ----------------------------------------------------------------------
+
+_ERROR_CLASSES: Final[dict[int, type[APIError]]] = {
+    400: BadRequestError,
+    401: AuthenticationError,
+    403: PermissionDeniedError,
+    404: NotFoundError,
+    413: BadRequestError,
+    429: RateLimitError,
+}
+
+# For a 2xx body that says ``success: false``: choose the class by the error code.
+_CODE_STATUS: Final[dict[str, int]] = {
+    "bad_request": 400,
+    "api_not_implemented": 400,
+    "disabled": 400,
+    "no_token": 400,
+    "request_too_large": 413,
+    "invalid_token": 401,
+    "token_expired": 401,
+    "token_mismatched": 401,
+    "used_up": 403,
+    "forbidden": 403,
+    "no_api": 404,
+    "too_many_requests": 429,
+    "api_error": 500,
+}
+
+_TAG = re.compile(r"<[^>]+>")
+_SPACE = re.compile(r"\s+")
+
+
+def _excerpt(body: bytes, limit: int = 200) -> str:
+    return body[: limit * 4].decode("utf-8", "replace")[:limit]
+
+
+def parse_retry_after(value: str | None, *, now: float | None = None) -> float | None:
+    """Seconds to wait from a ``Retry-After`` header (seconds or HTTP-date), capped.
+
+    None when the header is absent or unreadable.
+    """
+    if value is None:
+        return None
+    value = value.strip()
+    try:
+        seconds = float(value)
+    except ValueError:
+        try:
+            when = email.utils.parsedate_to_datetime(value)
+        except (TypeError, ValueError, IndexError):
+            return None
+        if when.tzinfo is None:
+            return None
+        seconds = when.timestamp() - (time.time() if now is None else now)
+    if seconds != seconds:  # NaN
+        return None
+    return min(max(seconds, 0.0), MAX_RETRY_AFTER)
+
+
+def _error_fields(payload: Any) -> tuple[str | None, str | None, str | None]:
+    """(code, message, trace_id) from a JSON error body, tolerating its variants."""
+    if not isinstance(payload, dict):
+        return None, None, None
+    error = payload.get("error")
+    trace_id = payload.get("trace_id")
+    trace_id = trace_id if isinstance(trace_id, str) else None
+    if isinstance(error, str):
+        return None, error, trace_id
+    if isinstance(error, dict):
+        code, message = error.get("code"), error.get("message")
+        return (
+            code if isinstance(code, str) else None,
+            message if isinstance(message, str) else None,
+            trace_id,
+        )
+    message = payload.get("message") or payload.get("detail")
+    return None, message if isinstance(message, str) else None, trace_id
+
+
+def _html_message(body: bytes) -> str:
+    """A readable line from a proxy's HTML error page: its title, else its text."""
+    text = body[:4000].decode("utf-8", "replace")
+    title = re.search(r"<title[^>]*>(.*?)</title>", text, re.IGNORECASE | re.DOTALL)
+    raw = title.group(1) if title else _TAG.sub(" ", text)
+    return _SPACE.sub(" ", raw).strip()[:200]
+
+
+def error_for(response: RawResponse) -> APIError | None:
+    """The error an answer stands for, or None if it is a success.
+
+    Non-2xx statuses map to a class by status (5xx to ServerError). A 2xx body with
+    ``success: false`` and an error is an error too, its class chosen by error code.
+    """
+    status = response.status
+    payload: Any = None
+    is_error = not 200 <= status < 300
+    try:
+        payload = json.loads(response.body) if response.body else None
+    except ValueError:
+        if not is_error:
+            return None  # a 2xx non-JSON body is a decode problem, reported by the parser
+    if not is_error:
+        if not (isinstance(payload, dict) and payload.get("success") is False):
+            return None
+        if "error" not in payload:
+            return None
+    code, message, trace_id = _error_fields(payload)
+    if not is_error:
+        status = _CODE_STATUS.get(code or "", 500)
+    if message is None:
+        if payload is None and response.body:
+            message = _html_message(response.body) or f"HTTP {status}"
+        else:
+            message = f"HTTP {status} with no error message"
+    cls = _ERROR_CLASSES.get(status, ServerError if status >= 500 else APIError)
+    if cls is RateLimitError:
+        return RateLimitError(
+            message,
+            status=status,
+            code=code,
+            trace_id=trace_id,
+            retry_after=parse_retry_after(response.headers.get("Retry-After")),
+        )
+    return cls(message, status=status, code=code, trace_id=trace_id)
+
+
+def _json_object(response: RawResponse) -> dict[str, Any]:
+    """Raise the response's error if it is one, else return its body as a JSON object."""
+    error = error_for(response)
+    if error is not None:
+        raise error
+    try:
+        payload = json.loads(response.body)
+    except ValueError:
+        raise ResponseDecodeError(
+            f"HTTP {response.status} answer is not JSON",
+            status=response.status,
+            body_excerpt=_excerpt(response.body),
+        ) from None
+    if not isinstance(payload, dict):
+        raise ResponseDecodeError(
+            f"expected a JSON object, got {type(payload).__name__}",
+            status=response.status,
+            body_excerpt=_excerpt(response.body),
+        )
+    return payload
+
+
+def _decode(payload: dict[str, Any], cls: type[T], response: RawResponse) -> T:
+    try:
+        return structure(payload, cls)
+    except DecodeFailure as failure:
+        raise ResponseDecodeError(
+            f"unexpected {cls.__name__} shape: {failure}",
+            status=response.status,
+            body_excerpt=_excerpt(response.body),
+        ) from None
+
+
+def parse_submission(response: RawResponse, *, callback_url: str | None = None) -> Submission:
+    """The task id from a ``generate``/``edit`` answer (or the error it stands for)."""
+    submission = _decode(_json_object(response), Submission, response)
+    if not submission.task_id:
+        raise ResponseDecodeError(
+            "submission answer has an empty task_id",
+            status=response.status,
+            body_excerpt=_excerpt(response.body),
+        )
+    return attrs.evolve(submission, callback_url=callback_url)
+
+
+def parse_task(response: RawResponse, task_id: str) -> Task:
+    """One task record; an empty object means the service does not know the id."""
+    payload = _json_object(response)
+    if not payload:
+        raise TaskNotFoundError(task_id)
+    return _decode(payload, Task, response)
+
+
+def parse_task_batch(response: RawResponse) -> TaskBatch:
+    """A ``retrieve_batch`` answer; any malformed record fails the whole answer."""
+    return _decode(_json_object(response), TaskBatch, response)
+
+
+def decode_task_items(
+    response: RawResponse,
+) -> tuple[dict[str, Task], dict[str, ResponseDecodeError]]:
+    """A ``retrieve_batch`` answer decoded record by record, for the poller.
+
+    One malformed record must not fail every other task in the batch: good records
+    come back in the first dict, and a decode error per bad record (whose id can be
+    read) in the second. A body that is not a batch at all raises.
+    """
+    payload = _json_object(response)
+    items = payload.get("items", [])
+    if items is None:
+        items = []
+    if not isinstance(items, list):
+        raise ResponseDecodeError(
+            "retrieve_batch answer has no items list",
+            status=response.status,
+            body_excerpt=_excerpt(response.body),
+        )
+    tasks: dict[str, Task] = {}
+    errors: dict[str, ResponseDecodeError] = {}
+    for index, item in enumerate(items):
+        try:
+            task = structure(item, Task, path=f"$.items[{index}]")
+        except DecodeFailure as failure:
+            task_id = item.get("id") if isinstance(item, dict) else None
+            if isinstance(task_id, str):
+                errors[task_id] = ResponseDecodeError(
+                    f"unexpected record for task {task_id!r}: {failure}",
+                    status=response.status,
+                    body_excerpt=_excerpt(json.dumps(item).encode()),
+                )
+            continue
+        tasks[task.id] = task
+    return tasks, errors
