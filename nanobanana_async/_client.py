@@ -6,14 +6,16 @@ import asyncio
 import json
 import logging
 import os
-from collections.abc import AsyncIterator, Iterable, Sequence
+import time
+from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
+from pathlib import Path
 from types import TracebackType
 from typing import Any, Final
 
 import aiohttp
 from yarl import URL
 
-from . import _protocol, _transport
+from . import _download, _protocol, _transport
 from ._errors import (
     APIConnectionError,
     ClientClosedError,
@@ -21,6 +23,7 @@ from ._errors import (
     ResponseDecodeError,
     ServerError,
     TaskFailedError,
+    TaskNotFoundError,
 )
 from ._models import Submission, Task, TaskBatch
 from ._poller import OnUpdate, Poller
@@ -278,6 +281,71 @@ class NanoBananaClient:
     ) -> tuple[dict[str, Task], dict[str, ResponseDecodeError]]:
         response = await self._read(_protocol.TASKS_PATH, _protocol.build_retrieve_batch(ids))
         return _protocol.decode_task_items(response)
+
+    # --- callbacks --------------------------------------------------------------------
+
+    async def feed_callback(
+        self, body: bytes | str | Mapping[str, Any], *, verify: bool = True
+    ) -> Task | None:
+        """Hand a ``callback_url`` delivery to the waiters; the fast path beside polling.
+
+        With ``verify`` (the default) the task is confirmed with one ``retrieve`` first,
+        so a forged body can never inject image URLs; a task nobody waits on is then
+        left alone. Returns the finished record that resolved waiters, else None.
+        Check the sender (e.g. a secret in the callback URL) before calling this;
+        ``nanobanana_async.webhooks`` does it for you.
+        """
+        claimed = _protocol.task_from_callback(
+            dict(body) if isinstance(body, Mapping) else body, received_at=time.time()
+        )
+        if not verify:
+            return claimed if self._poller.feed(claimed, remember=True) else None
+        if not self._poller.watching(claimed.id):
+            return None
+        try:
+            confirmed = await self.retrieve(claimed.id)
+        except TaskNotFoundError:
+            return None
+        if not confirmed.done:
+            return None  # premature or forged: polling carries on
+        return confirmed if self._poller.feed(confirmed) else None
+
+    # --- downloads --------------------------------------------------------------------
+
+    async def download(self, url: str, dest: str | os.PathLike[str]) -> Path:
+        """Stream one image to ``dest`` (a file, or a folder to name it in); returns its path.
+
+        Written atomically (nothing half-written is ever left), retried on transient
+        failures, and sent without our Authorization header: images live on other hosts.
+        """
+        return await _download.download(
+            self._get_session(), url, dest, policy=self.retry_policy, timeout=self._timeout
+        )
+
+    async def download_all(
+        self,
+        task_or_urls: Task | Iterable[str],
+        folder: str | os.PathLike[str],
+        *,
+        concurrency: int = 8,
+    ) -> list[Path]:
+        """Download every image of a finished task (or every URL given) into ``folder``."""
+        if isinstance(task_or_urls, Task):
+            if task_or_urls.failure is not None or not task_or_urls.done:
+                raise ValueError(f"task {task_or_urls.id!r} has no images to download")
+            urls = task_or_urls.image_urls
+        elif isinstance(task_or_urls, str):
+            raise ValueError("task_or_urls must be a Task or a list of URLs, not one string")
+        else:
+            urls = list(task_or_urls)
+        return await _download.download_all(
+            self._get_session(),
+            urls,
+            folder,
+            concurrency=concurrency,
+            policy=self.retry_policy,
+            timeout=self._timeout,
+        )
 
     # --- waiting ----------------------------------------------------------------------
 

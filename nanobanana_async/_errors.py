@@ -16,6 +16,7 @@
     ├── TaskNotFoundError             the service does not know the task id
     ├── TaskFailedError               the task finished without images (``await_completion``)
     ├── TaskTimeoutError              a wait's own deadline passed (also a TimeoutError)
+    ├── DownloadError                 an image could not be saved (``url``, ``status``)
     └── ClientClosedError             the client was closed (before or during the call)
 
 Bad arguments raise :class:`ValueError` before any request is made. No exception's
@@ -37,6 +38,7 @@ __all__ = [
     "AuthenticationError",
     "BadRequestError",
     "ClientClosedError",
+    "DownloadError",
     "NanoBananaError",
     "NotFoundError",
     "PermissionDeniedError",
@@ -251,3 +253,23 @@ def _rebuild_task_timeout(
 
 class ClientClosedError(NanoBananaError):
     """The client was closed before the call, or while a wait was in progress."""
+
+
+class DownloadError(NanoBananaError):
+    """An image could not be downloaded: an error status, a non-image answer, a cut body.
+
+    ``status`` is the HTTP status when there was an answer, else None. Nothing is left
+    at the destination when this is raised.
+    """
+
+    def __init__(self, message: str, *, url: str, status: int | None = None) -> None:
+        self.url = url
+        self.status = status
+        super().__init__(message)
+
+    def __reduce__(self) -> tuple[object, ...]:
+        return (_rebuild_download_error, (str(self), self.url, self.status))
+
+
+def _rebuild_download_error(message: str, url: str, status: int | None) -> DownloadError:
+    return DownloadError(message, url=url, status=status)

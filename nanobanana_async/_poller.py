@@ -20,6 +20,7 @@ import inspect
 import itertools
 import logging
 import random
+from collections import OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable, Generator, Iterable
 from typing import Any
 
@@ -60,6 +61,7 @@ _GROWTH = 1.5
 _JITTER = 0.1  # +-10 %: spreads tasks submitted together without breaking batches up
 _MAX_FAILURE_WAIT = 30.0  # cap on the loop's own backoff after failed rounds
 _CONCURRENT_REQUESTS = 8  # batch requests of one round in flight at once
+_RECENT_LIMIT = 1024  # finished records from callbacks kept for waits not started yet
 
 
 class _Entry:
@@ -149,6 +151,7 @@ class Poller:
         self._paused_until = 0.0
         self._failure_delays: Generator[float, Any, None] | None = None
         self._closed = False
+        self._recent: OrderedDict[str, Task] = OrderedDict()
 
     # --- waiters --------------------------------------------------------------------
 
@@ -214,10 +217,19 @@ class Poller:
             for entry in entries.values():
                 await self._release(entry)
 
-    def feed(self, task: Task) -> bool:
-        """Offer a record seen elsewhere (a callback); True if it finished a watched task."""
+    def feed(self, task: Task, *, remember: bool = False) -> bool:
+        """Offer a record seen elsewhere (a callback); True if it finished a watched task.
+
+        With ``remember``, a finished record nobody waits on yet is kept (a bounded
+        number of them) for a wait that starts a moment later.
+        """
         entry = self._entries.get(task.id)
         if entry is None:
+            if remember and task.done:
+                self._recent[task.id] = task
+                self._recent.move_to_end(task.id)
+                while len(self._recent) > _RECENT_LIMIT:
+                    self._recent.popitem(last=False)
             return False
         entry.update(task)
         if not task.done:
@@ -245,6 +257,12 @@ class Poller:
         entry = self._entries.get(task_id)
         if entry is None:
             entry = _Entry(task_id, loop.create_future(), lazy)
+            early = self._recent.pop(task_id, None)
+            if early is not None:
+                entry.refs += 1
+                entry.update(early)
+                entry.settle(early)
+                return entry
             self._entries[task_id] = entry
             self._schedule(entry, loop.time())
         else:

@@ -30,7 +30,7 @@ from ._errors import (
     ServerError,
     TaskNotFoundError,
 )
-from ._models import Submission, Task, TaskBatch
+from ._models import Submission, Task, TaskBatch, TaskResponse
 
 __all__ = [
     "IMAGES_PATH",
@@ -47,6 +47,7 @@ __all__ = [
     "parse_submission",
     "parse_task",
     "parse_task_batch",
+    "task_from_callback",
 ]
 
 IMAGES_PATH: Final = "/nano-banana/images"
@@ -333,6 +334,46 @@ def parse_task(response: RawResponse, task_id: str) -> Task:
 def parse_task_batch(response: RawResponse) -> TaskBatch:
     """A ``retrieve_batch`` answer; any malformed record fails the whole answer."""
     return _decode(_json_object(response), TaskBatch, response)
+
+
+def task_from_callback(payload: Any, *, received_at: float) -> Task:
+    """A callback body (``{success, task_id, trace_id, data | error}``) as a finished record.
+
+    The service sends a callback only once a task is done, so the record is marked
+    finished: a callback with no image URL makes a failed task, never a pending one.
+    Raises ResponseDecodeError (``status`` 0: no HTTP answer) for a malformed body.
+    """
+    if isinstance(payload, bytes | str):
+        try:
+            payload = json.loads(payload)
+        except ValueError:
+            raise ResponseDecodeError(
+                "callback body is not JSON", status=0, body_excerpt=_text_excerpt(payload)
+            ) from None
+    try:
+        response = structure(payload, TaskResponse)
+    except DecodeFailure as failure:
+        raise ResponseDecodeError(
+            f"unexpected callback shape: {failure}",
+            status=0,
+            body_excerpt=_text_excerpt(payload),
+        ) from None
+    if not response.task_id:
+        raise ResponseDecodeError(
+            "callback body has no task_id", status=0, body_excerpt=_text_excerpt(payload)
+        )
+    return Task(
+        id=response.task_id,
+        trace_id=response.trace_id,
+        response=response,
+        finished_at=received_at,
+    )
+
+
+def _text_excerpt(payload: object) -> str:
+    if isinstance(payload, bytes):
+        return _excerpt(payload)
+    return (payload if isinstance(payload, str) else repr(payload))[:200]
 
 
 def decode_task_items(
