@@ -1,0 +1,121 @@
+"""The converter: strict on recorded samples (API drift fails here), robust on garbage."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+from conftest import FIXTURES, load_fixture
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from nanobanana_async import NanoBananaError, Task, TaskBatch, TaskState
+from nanobanana_async._converter import DecodeFailure, make_converter, structure
+from nanobanana_async._protocol import RawResponse, decode_task_items, error_for, parse_task
+
+STRICT = make_converter(forbid_extra_keys=True)
+RECORDS = sorted(path.name for path in FIXTURES.glob("task_*.json"))
+
+
+@pytest.mark.parametrize("name", RECORDS)
+def test_recorded_records_have_no_unknown_keys(name: str) -> None:
+    # Production ignores unknown keys; here a new field in a sample fails loudly.
+    structure(load_fixture(name), Task, conv=STRICT)
+
+
+def test_recorded_batch_has_no_unknown_keys() -> None:
+    structure(load_fixture("batch.json"), TaskBatch, conv=STRICT)
+
+
+def test_strict_converter_reports_the_drift() -> None:
+    record = load_fixture("task_succeeded.json")
+    record["response"]["brand_new"] = 1
+    with pytest.raises(DecodeFailure, match=r"brand_new.*\$\.response"):
+        structure(record, Task, conv=STRICT)
+
+
+def test_ints_are_numbers_but_bools_are_not() -> None:
+    record = {"id": "t", "created_at": 1757183036}
+    assert structure(record, Task).created_at == 1757183036.0
+    with pytest.raises(DecodeFailure, match=r"\$\.created_at"):
+        structure({"id": "t", "created_at": True}, Task)
+
+
+def test_null_data_is_empty() -> None:
+    task = structure({"id": "t", "response": {"success": True, "data": None}}, Task)
+    assert task.image_urls == []
+    assert task.state is TaskState.PENDING
+
+
+# --- property tests ---------------------------------------------------------------------
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=8),
+    lambda children: (
+        st.lists(children, max_size=3) | st.dictionaries(st.text(max_size=8), children, max_size=3)
+    ),
+    max_leaves=12,
+)
+
+
+def mutated(record: Any, draw: st.DrawFn) -> Any:
+    """Replace one value somewhere in ``record`` (or a whole branch) with any JSON value."""
+    if isinstance(record, dict) and record and draw(st.booleans()):
+        key = draw(st.sampled_from(sorted(record)))
+        return {**record, key: mutated(record[key], draw)}
+    if isinstance(record, list) and record and draw(st.booleans()):
+        index = draw(st.integers(0, len(record) - 1))
+        return [*record[:index], mutated(record[index], draw), *record[index + 1 :]]
+    return draw(json_values)
+
+
+@st.composite
+def malformed_records(draw: st.DrawFn) -> Any:
+    base = load_fixture(draw(st.sampled_from(RECORDS)))
+    for _ in range(draw(st.integers(1, 3))):
+        base = mutated(base, draw)
+    return base
+
+
+@settings(max_examples=300, suppress_health_check=[HealthCheck.too_slow])
+@given(malformed_records())
+def test_malformed_records_raise_only_our_errors(record: Any) -> None:
+    response = RawResponse(200, {}, json.dumps(record).encode())
+    try:
+        task = parse_task(response, "t")
+    except NanoBananaError:
+        return
+    # Whatever decodes must answer the state questions without blowing up.
+    assert task.state in TaskState
+    assert isinstance(task.image_urls, list)
+    assert task.done == (task.state is not TaskState.PENDING)
+
+
+@settings(max_examples=200)
+@given(st.lists(malformed_records(), max_size=4))
+def test_malformed_batches_raise_only_our_errors(items: list[Any]) -> None:
+    response = RawResponse(200, {}, json.dumps({"items": items}).encode())
+    try:
+        tasks, errors = decode_task_items(response)
+    except NanoBananaError:
+        return
+    assert set(tasks).isdisjoint(errors)
+
+
+@settings(max_examples=300)
+@given(
+    st.integers(100, 599),
+    json_values | st.binary(max_size=64).map(lambda raw: raw.decode("latin-1")),
+    st.sampled_from([None, "5", "abc", "Wed, 21 Oct 2015 07:28:00 GMT"]),
+)
+def test_error_mapping_never_raises(status: int, payload: Any, retry_after: str | None) -> None:
+    body = payload.encode() if isinstance(payload, str) else json.dumps(payload).encode()
+    headers = {} if retry_after is None else {"Retry-After": retry_after}
+    error = error_for(RawResponse(status, headers, body))
+    if not 200 <= status < 300:
+        assert error is not None
+        assert error.status == status
+        assert error.message
+    if error is not None:
+        assert isinstance(error, NanoBananaError)
