@@ -410,4 +410,6 @@ def decode_task_items(
                 )
             continue
         tasks[task.id] = task
+    for task_id in tasks.keys() & errors.keys():
+        del errors[task_id]  # a repeated id: its good record stands
     return tasks, errors

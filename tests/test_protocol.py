@@ -197,6 +197,16 @@ def test_poller_batch_decoding_isolates_a_bad_record() -> None:
     assert "$.items[1].created_at" in str(errors[body["items"][1]["id"]])
 
 
+def test_poller_batch_decoding_prefers_a_good_record_of_a_repeated_id() -> None:
+    # Found by hypothesis: the same id twice, once malformed, must not be both.
+    body = load_fixture("batch.json")
+    bad = {**body["items"][0], "created_at": "yesterday"}
+    body["items"].append(bad)
+    tasks, errors = decode_task_items(answer(body))
+    assert bad["id"] in tasks
+    assert not errors
+
+
 def test_wrong_type_names_the_field_path() -> None:
     record = load_fixture("task_succeeded.json")
     record["response"]["data"][0]["image_url"] = 42
