@@ -184,9 +184,9 @@ class NanoBananaClient:
             timeout=self._timeout,
         )
         logger.debug("POST %s %s -> %d", path, body.get("action"), response.status)
-        error = _protocol.error_for(response)
-        if error is not None:
-            raise error
+        # Only error statuses are judged here, inside the retries; a 2xx body is parsed
+        # once, by the caller's parse step.
+        _protocol.raise_for_status(response)
         return response
 
     # --- submitting -------------------------------------------------------------------

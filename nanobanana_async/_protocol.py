@@ -47,6 +47,7 @@ __all__ = [
     "parse_submission",
     "parse_task",
     "parse_task_batch",
+    "raise_for_status",
     "task_from_callback",
 ]
 
@@ -245,21 +246,18 @@ def error_for(response: RawResponse) -> APIError | None:
     Non-2xx statuses map to a class by status (5xx to ServerError). A 2xx body with
     ``success: false`` and an error is an error too, its class chosen by error code.
     """
+    return _error_in(response, _json_or_none(response.body))
+
+
+def _error_in(response: RawResponse, payload: Any) -> APIError | None:
     status = response.status
-    payload: Any = None
-    is_error = not 200 <= status < 300
-    try:
-        payload = json.loads(response.body) if response.body else None
-    except ValueError:
-        if not is_error:
-            return None  # a 2xx non-JSON body is a decode problem, reported by the parser
-    if not is_error:
+    if 200 <= status < 300:
         if not (isinstance(payload, dict) and payload.get("success") is False):
             return None
         if "error" not in payload:
             return None
     code, message, trace_id = _error_fields(payload)
-    if not is_error:
+    if 200 <= status < 300:
         status = _CODE_STATUS.get(code or "", 500)
     if message is None:
         if payload is None and response.body:
@@ -278,11 +276,24 @@ def error_for(response: RawResponse) -> APIError | None:
     return cls(message, status=status, code=code, trace_id=trace_id)
 
 
-def _json_object(response: RawResponse) -> dict[str, Any]:
-    """Raise the response's error if it is one, else return its body as a JSON object."""
-    error = error_for(response)
-    if error is not None:
+def raise_for_status(response: RawResponse) -> None:
+    """Raise the APIError of a non-2xx answer; a 2xx body is judged when it is parsed."""
+    if not 200 <= response.status < 300:
+        error = _error_in(response, _json_or_none(response.body))
+        assert error is not None  # every non-2xx status maps to an error
         raise error
+
+
+def _json_or_none(body: bytes) -> Any:
+    try:
+        return json.loads(body) if body else None
+    except ValueError:
+        return None
+
+
+def _json_object(response: RawResponse) -> dict[str, Any]:
+    """The body as a JSON object, parsed once; raises the error the answer stands for."""
+    raise_for_status(response)
     try:
         payload = json.loads(response.body)
     except ValueError:
@@ -297,6 +308,9 @@ def _json_object(response: RawResponse) -> dict[str, Any]:
             status=response.status,
             body_excerpt=_excerpt(response.body),
         )
+    error = _error_in(response, payload)
+    if error is not None:
+        raise error
     return payload
 
 
