@@ -7,7 +7,7 @@ import json
 import logging
 import os
 import time
-from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
+from collections.abc import AsyncGenerator, Iterable, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Final
@@ -47,7 +47,9 @@ class NanoBananaClient:
 
     Use it as ``async with NanoBananaClient() as client:`` or call :meth:`aclose`. It
     creates its aiohttp session on first use inside the running loop, or borrows
-    ``session``, which it then never closes.
+    ``session``, which it then never closes. A borrowed session's own default headers
+    go with every request it makes, image downloads included: do not give it one that
+    carries credentials.
     """
 
     def __init__(
@@ -387,7 +389,7 @@ class NanoBananaClient:
 
     def as_completed(
         self, tasks: Iterable[TaskRef], *, timeout: float | None = None
-    ) -> AsyncIterator[Task]:
+    ) -> AsyncGenerator[Task, None]:
         """Yield each task's finished record once, as they finish (failed ones too).
 
         After ``timeout`` seconds in all, raises TaskTimeoutError for a task still

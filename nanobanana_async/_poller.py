@@ -21,7 +21,7 @@ import itertools
 import logging
 import random
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Awaitable, Callable, Generator, Iterable
+from collections.abc import AsyncGenerator, Awaitable, Callable, Generator, Iterable
 from typing import Any
 
 import backoff
@@ -181,7 +181,7 @@ class Poller:
 
     async def as_completed(
         self, task_ids: Iterable[str], *, timeout: float | None, lazy: Iterable[str] = ()
-    ) -> AsyncIterator[Task]:
+    ) -> AsyncGenerator[Task, None]:
         """Yield each task's finished record once, in the order they finish."""
         lazy_ids = set(lazy)
         entries = {

@@ -282,7 +282,7 @@ async def test_leaving_as_completed_early_ends_its_waits(
 ) -> None:
     ids = [server.add_task(duration=0.05), server.add_task(duration=60)]
     iterator = client.as_completed(ids, timeout=5)
-    async with contextlib.aclosing(iterator):  # type: ignore[type-var]
+    async with contextlib.aclosing(iterator):
         async for _ in iterator:
             break
     assert not poller_tasks()

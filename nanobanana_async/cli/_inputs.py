@@ -1,0 +1,113 @@
+"""Turning command-line inputs into what the API takes: image files and task ids.
+
+Both read files or stdin, so they run before the event loop starts.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Final, TextIO
+
+__all__ = ["MAX_IMAGE_URL_BYTES", "UsageError", "image_reference", "out_folder", "read_task_ids"]
+
+#: The API takes each entry of ``image_urls`` up to 10 MB, a ``data:`` URL included.
+MAX_IMAGE_URL_BYTES: Final = 10 * 1024 * 1024
+
+_REMOTE: Final = ("http://", "https://", "data:")
+
+
+class UsageError(Exception):
+    """The command line asks for something that cannot work (exit code 2)."""
+
+
+def image_reference(value: str) -> str:
+    """An ``--image`` value as the API takes it: URLs pass, a file becomes a data: URL."""
+    if value.startswith(_REMOTE):
+        return value
+    path = Path(value).expanduser()
+    if not path.is_file():
+        raise UsageError(f"image file not found: {value}")
+    # base64 grows the bytes by 4/3: check before reading a file that cannot fit anyway.
+    limit_raw = MAX_IMAGE_URL_BYTES * 3 // 4
+    size = path.stat().st_size
+    if size > limit_raw:
+        raise UsageError(
+            f"image file too large: {value} is {size / 1e6:.1f} MB; "
+            f"the API takes images up to 10 MB as data: URLs (about {limit_raw / 1e6:.1f} MB "
+            "of file); upload it somewhere and pass its URL instead"
+        )
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise UsageError(f"cannot read image file {value}: {exc.strerror or exc}") from None
+    mime = _sniff(data)
+    if mime is None:
+        raise UsageError(f"not an image file (expected PNG, JPEG, WebP or GIF): {value}")
+    return f"data:{mime};base64,{base64.b64encode(data).decode('ascii')}"
+
+
+def _sniff(data: bytes) -> str | None:
+    """The image type from the file's first bytes; the name's extension can lie."""
+    if data.startswith(b"\x89PNG\r\n\x1a\n"):
+        return "image/png"
+    if data.startswith(b"\xff\xd8\xff"):
+        return "image/jpeg"
+    if data.startswith((b"GIF87a", b"GIF89a")):
+        return "image/gif"
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "image/webp"
+    return None
+
+
+def read_task_ids(values: Sequence[str], stdin: TextIO) -> list[str]:
+    """The ids given, with ``-`` replaced by those read from ``stdin``; repeats dropped.
+
+    Standard input holds whitespace-separated ids, or the ``--json`` document of
+    another ``nanobanana`` command (its ``tasks[].id``).
+    """
+    ids: list[str] = []
+    for value in values:
+        if value == "-":
+            ids.extend(_ids_from_text(stdin.read()))
+        else:
+            ids.append(value)
+    ids = list(dict.fromkeys(ids))
+    if not ids:
+        raise UsageError("no task ids given (stdin was empty)")
+    return ids
+
+
+def _ids_from_text(text: str) -> list[str]:
+    stripped = text.strip()
+    if stripped.startswith("{"):
+        try:
+            document = json.loads(stripped)
+            return [str(task["id"]) for task in document["tasks"]]
+        except (ValueError, KeyError, TypeError):
+            raise UsageError(
+                "stdin looks like JSON but not like nanobanana --json output"
+            ) from None
+    return stripped.split()
+
+
+def out_folder(value: str | None) -> Path | None:
+    """The ``--out`` folder, refused early when it exists as something else."""
+    if value is None:
+        return None
+    path = Path(value).expanduser()
+    if path.exists() and not path.is_dir():
+        raise UsageError(f"--out must be a folder, but {value} is a file")
+    if not os.access(path if path.exists() else _existing_parent(path), os.W_OK):
+        raise UsageError(f"cannot write to {value}")
+    return path
+
+
+def _existing_parent(path: Path) -> Path:
+    for parent in path.absolute().parents:
+        if parent.exists():
+            return parent
+    return Path.cwd()

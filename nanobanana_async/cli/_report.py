@@ -1,0 +1,79 @@
+"""What the commands report about each task, and its one stable JSON shape."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Final
+
+import attrs
+
+from .._models import ErrorDetail, Task
+
+__all__ = ["NOT_FOUND", "TaskReport", "document"]
+
+NOT_FOUND: Final = "not_found"
+
+
+@attrs.frozen
+class TaskReport:
+    """One task as the command line shows it: state, images or error, saved files."""
+
+    id: str
+    state: str
+    image_urls: list[str] = attrs.field(factory=list)
+    error: ErrorDetail | None = None
+    files: list[Path] = attrs.field(factory=list)
+    elapsed: float | None = None
+
+    @classmethod
+    def of(cls, task: Task, files: list[Path] | None = None) -> TaskReport:
+        """The report for a record the service answered."""
+        return cls(
+            id=task.id,
+            state=task.state.value,
+            image_urls=task.image_urls,
+            error=task.failure,
+            files=files or [],
+            elapsed=task.elapsed,
+        )
+
+    @classmethod
+    def pending(cls, task_id: str) -> TaskReport:
+        """A task not finished (or not read) when the command stopped."""
+        return cls(id=task_id, state="pending")
+
+    @classmethod
+    def not_found(cls, task_id: str) -> TaskReport:
+        """A task id the service does not know."""
+        detail = ErrorDetail(code=NOT_FOUND, message="the service does not know this task id")
+        return cls(id=task_id, state=NOT_FOUND, error=detail)
+
+    @property
+    def failed(self) -> bool:
+        return self.state == "failed"
+
+    @property
+    def error_text(self) -> str:
+        """``code: message`` of the error, or empty."""
+        if self.error is None:
+            return ""
+        parts = [part for part in (self.error.code, self.error.message) if part]
+        return ": ".join(parts)
+
+    def to_json(self) -> dict[str, Any]:
+        error = None
+        if self.error is not None:
+            error = {"code": self.error.code, "message": self.error.message}
+        return {
+            "id": self.id,
+            "state": self.state,
+            "image_urls": list(self.image_urls),
+            "error": error,
+            "files": [str(path) for path in self.files],
+            "elapsed": self.elapsed,
+        }
+
+
+def document(reports: list[TaskReport]) -> dict[str, Any]:
+    """The ``--json`` document; documented in the package docstring."""
+    return {"tasks": [report.to_json() for report in reports]}

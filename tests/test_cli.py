@@ -1,0 +1,644 @@
+"""The ``nanobanana`` command line, in-process and as a subprocess, against the fake server."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import io
+import json
+import os
+import signal
+import sys
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import attrs
+import pytest
+
+from nanobanana_async import NanoBananaClient, RetryPolicy
+from nanobanana_async.cli import main
+from nanobanana_async.cli._main import main_async
+from nanobanana_async.testing import FakeNanoBanana, make_png
+
+WAIT = 20.0  # upper bound on every wait here; nothing should come close
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+ENTRY_KEYS = {"id", "state", "image_urls", "error", "files", "elapsed"}
+ENV_VARS = ("ACEDATACLOUD_API_TOKEN", "ACEDATACLOUD_API_BASE_URL")
+
+
+@attrs.frozen
+class Result:
+    code: int
+    out: str
+    err: str
+
+    @property
+    def doc(self) -> Any:
+        return json.loads(self.out)
+
+    @property
+    def tasks(self) -> list[dict[str, Any]]:
+        tasks: list[dict[str, Any]] = self.doc["tasks"]
+        for entry in tasks:
+            assert set(entry) == ENTRY_KEYS
+        return tasks
+
+
+@pytest.fixture(autouse=True)
+def no_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Tests never read a real token or base URL from the environment."""
+    for name in ENV_VARS:
+        monkeypatch.delenv(name, raising=False)
+
+
+@pytest.fixture
+async def slow_server() -> AsyncIterator[FakeNanoBanana]:
+    """A fake server whose tasks take far longer than any test waits."""
+    async with FakeNanoBanana(duration=60.0) as fake:
+        yield fake
+
+
+Cli = Callable[..., Any]
+
+
+@pytest.fixture
+def cli(capsys: pytest.CaptureFixture[str]) -> Cli:
+    """Run the command line in this event loop against a server; returns a Result."""
+
+    async def run(server: FakeNanoBanana | None, *args: str, stdin: str = "") -> Result:
+        options = []
+        if server is not None:
+            options = ["--token", server.token, "--base-url", server.base_url]
+        argv = [*options, "--poll-interval", "0.02", *args]
+        capsys.readouterr()
+        async with asyncio.timeout(WAIT):
+            code = await main_async(argv, stdin=io.StringIO(stdin))
+        captured = capsys.readouterr()
+        return Result(code, captured.out, captured.err)
+
+    return run
+
+
+def one_line_error(result: Result) -> str:
+    """The stderr error line; checks there is exactly one and no traceback."""
+    assert "Traceback" not in result.err
+    lines = [line for line in result.err.splitlines() if line.startswith("nanobanana: error:")]
+    assert len(lines) == 1, result.err
+    return lines[0]
+
+
+async def wait_until(condition: Callable[[], bool]) -> None:
+    """Poll ``condition`` (server counters and captured output signal no event)."""
+    async with asyncio.timeout(WAIT):
+        while not condition():  # noqa: ASYNC110
+            await asyncio.sleep(0.01)
+
+
+def listing(folder: Path) -> list[Path]:
+    """Everything in ``folder``, hidden files included, sorted."""
+    return sorted(folder.iterdir())
+
+
+# --- generate ---------------------------------------------------------------------------
+
+
+async def test_generate_prints_urls(cli: Cli, server: FakeNanoBanana) -> None:
+    result = await cli(server, "generate", "a cat", "--count", "2")
+    assert result.code == 0
+    (task_id,) = server.tasks
+    assert result.out.split() == server.tasks[task_id].image_urls
+    assert f"Task {task_id} succeeded" in result.err
+
+
+async def test_generate_json_sends_options(cli: Cli, server: FakeNanoBanana) -> None:
+    result = await cli(
+        server,
+        "generate",
+        "a cat",
+        "--model",
+        "nano-banana-pro",
+        "--aspect-ratio",
+        "16:9",
+        "--resolution",
+        "2K",
+        "--count",
+        "3",
+        "--json",
+    )
+    assert result.code == 0
+    (entry,) = result.tasks
+    task = server.tasks[entry["id"]]
+    assert task.request == {
+        "action": "generate",
+        "prompt": "a cat",
+        "model": "nano-banana-pro",
+        "aspect_ratio": "16:9",
+        "resolution": "2K",
+        "count": 3,
+        "async": True,
+    }
+    assert entry["state"] == "succeeded"
+    assert entry["image_urls"] == task.image_urls
+    assert entry["error"] is None
+    assert entry["files"] == []
+
+
+async def test_generate_out_downloads_without_the_token(
+    cli: Cli, server: FakeNanoBanana, tmp_path: Path
+) -> None:
+    out = tmp_path / "images"
+    result = await cli(server, "generate", "a cat", "--count", "2", "--out", str(out), "--json")
+    assert result.code == 0
+    (entry,) = result.tasks
+    files = [Path(name) for name in entry["files"]]
+    assert len(files) == 2
+    assert sorted(files) == listing(out)
+    assert all(path.read_bytes().startswith(PNG_MAGIC) for path in files)
+    assert len(server.image_requests) == 2
+    for _, headers in server.image_requests:
+        assert "authorization" not in {name.lower() for name in headers}
+
+
+async def test_generate_human_out_prints_files(
+    cli: Cli, server: FakeNanoBanana, tmp_path: Path
+) -> None:
+    result = await cli(server, "generate", "a cat", "--out", str(tmp_path))
+    assert result.code == 0
+    assert result.out.split() == [str(path) for path in listing(tmp_path)]
+
+
+async def test_generate_failed_task_exits_1(cli: Cli, server: FakeNanoBanana) -> None:
+    result = await cli(server, "generate", "a cat [fail]", "--json")
+    assert result.code == 1
+    (entry,) = result.tasks
+    assert entry["state"] == "failed"
+    assert entry["error"]["code"] == "forbidden"
+    assert entry["image_urls"] == []
+    assert "forbidden" in one_line_error(result)
+
+
+async def test_generate_no_wait(cli: Cli, slow_server: FakeNanoBanana) -> None:
+    result = await cli(slow_server, "generate", "a cat", "--no-wait", "--json")
+    assert result.code == 0
+    (entry,) = result.tasks
+    assert entry["id"] in slow_server.tasks
+    assert entry["state"] == "pending"
+    assert f"tasks wait --base-url {slow_server.base_url} {entry['id']}" in result.err
+    assert slow_server.counts["retrieve_batch"] == 0
+
+
+async def test_generate_timeout_exits_4(cli: Cli, slow_server: FakeNanoBanana) -> None:
+    result = await cli(slow_server, "generate", "a cat", "--timeout", "0.2", "--json")
+    assert result.code == 4
+    (entry,) = result.tasks
+    assert entry["state"] == "pending"
+    line = one_line_error(result)
+    assert "keep running" in line
+    assert f"nanobanana tasks wait --base-url {slow_server.base_url} {entry['id']}" in line
+    assert slow_server.token not in result.err
+
+
+async def test_bad_token_exits_3(cli: Cli, server: FakeNanoBanana) -> None:
+    result = await cli(None, "--token", "wrong", "--base-url", server.base_url, "generate", "x")
+    assert result.code == 3
+    assert result.out == ""
+    assert "invalid_token" in one_line_error(result)
+    assert not server.tasks
+
+
+async def test_missing_token_exits_3(cli: Cli, server: FakeNanoBanana) -> None:
+    result = await cli(None, "--base-url", server.base_url, "generate", "x", "--json")
+    assert result.code == 3
+    assert result.out == ""
+    assert "ACEDATACLOUD_API_TOKEN" in one_line_error(result)
+
+
+async def test_token_and_base_url_from_environment(
+    cli: Cli, server: FakeNanoBanana, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("ACEDATACLOUD_API_TOKEN", server.token)
+    monkeypatch.setenv("ACEDATACLOUD_API_BASE_URL", server.base_url)
+    result = await cli(None, "generate", "a cat", "--json")
+    assert result.code == 0
+    assert result.tasks[0]["state"] == "succeeded"
+
+
+async def test_debug_shows_the_traceback(cli: Cli, server: FakeNanoBanana) -> None:
+    result = await cli(
+        None, "--base-url", server.base_url, "generate", "x", "--token", "wrong", "--debug"
+    )
+    assert result.code == 3
+    assert "Traceback" in result.err
+    assert "AuthenticationError" in result.err
+
+
+async def test_download_cut_short_leaves_no_file(
+    cli: Cli, server: FakeNanoBanana, tmp_path: Path
+) -> None:
+    server.inject_image("truncate", times=10)
+    result = await cli(server, "generate", "a cat", "--out", str(tmp_path), "--json")
+    assert result.code == 3
+    assert result.out == ""
+    assert "cut short" in one_line_error(result)
+    assert listing(tmp_path) == []  # no image, no hidden .part file
+
+
+# --- edit -------------------------------------------------------------------------------
+
+
+async def test_edit_sends_a_local_file_as_data_url(
+    cli: Cli, server: FakeNanoBanana, tmp_path: Path
+) -> None:
+    picture = tmp_path / "in.png"
+    picture.write_bytes(make_png(4, 4))
+    result = await cli(
+        server,
+        "edit",
+        "make it blue",
+        "--image",
+        str(picture),
+        "--image",
+        "https://example.com/b.jpg",
+        "--json",
+    )
+    assert result.code == 0
+    (entry,) = result.tasks
+    sent = server.tasks[entry["id"]].request["image_urls"]
+    prefix = "data:image/png;base64,"
+    assert sent[0].startswith(prefix)
+    assert base64.b64decode(sent[0][len(prefix) :]) == picture.read_bytes()
+    assert sent[1] == "https://example.com/b.jpg"
+    assert "aspect_ratio" not in server.tasks[entry["id"]].request
+
+
+async def test_edit_missing_file_exits_2_before_any_request(
+    cli: Cli, server: FakeNanoBanana, tmp_path: Path
+) -> None:
+    result = await cli(server, "edit", "x", "--image", str(tmp_path / "nope.png"), "--json")
+    assert result.code == 2
+    assert result.out == ""
+    assert "not found" in one_line_error(result)
+    assert not server.counts
+
+
+async def test_edit_non_image_file_exits_2(
+    cli: Cli, server: FakeNanoBanana, tmp_path: Path
+) -> None:
+    fake = tmp_path / "notes.png"
+    fake.write_text("not a picture")
+    result = await cli(server, "edit", "x", "--image", str(fake))
+    assert result.code == 2
+    assert "not an image" in one_line_error(result)
+    assert not server.counts
+
+
+async def test_edit_too_large_file_exits_2(
+    cli: Cli, server: FakeNanoBanana, tmp_path: Path
+) -> None:
+    big = tmp_path / "big.png"
+    with big.open("wb") as file:
+        file.write(make_png())
+        file.truncate(9 * 1024 * 1024)  # sparse: large on paper, cheap on disk
+    result = await cli(server, "edit", "x", "--image", str(big))
+    assert result.code == 2
+    assert "too large" in one_line_error(result)
+    assert not server.counts
+
+
+# --- tasks get --------------------------------------------------------------------------
+
+
+async def test_tasks_get_one(cli: Cli, server: FakeNanoBanana) -> None:
+    task_id = server.add_task(count=2)
+    result = await cli(server, "tasks", "get", task_id, "--json")
+    assert result.code == 0
+    (entry,) = result.tasks
+    assert entry["id"] == task_id
+    assert entry["state"] == "succeeded"
+    assert entry["image_urls"] == server.tasks[task_id].image_urls
+    assert isinstance(entry["elapsed"], float)
+    assert server.counts == {"retrieve": 1}
+
+
+async def test_tasks_get_many_in_one_batch(cli: Cli, slow_server: FakeNanoBanana) -> None:
+    ok = slow_server.add_task(duration=0)
+    failed = slow_server.add_task(duration=0, outcome="fail_top_level")
+    pending = slow_server.add_task()
+    result = await cli(slow_server, "tasks", "get", ok, failed, pending, "--json")
+    assert result.code == 1
+    assert [entry["state"] for entry in result.tasks] == ["succeeded", "failed", "pending"]
+    assert result.tasks[1]["error"]["code"] == "api_error"
+    assert slow_server.counts == {"retrieve_batch": 1}
+    assert "1 of 3 tasks failed" in one_line_error(result)
+
+
+async def test_tasks_get_unknown_id_exits_3(cli: Cli, server: FakeNanoBanana) -> None:
+    known = server.add_task()
+    result = await cli(server, "tasks", "get", known, "no-such-task", "--json")
+    assert result.code == 3
+    assert [entry["state"] for entry in result.tasks] == ["succeeded", "not_found"]
+    assert result.tasks[1]["error"]["code"] == "not_found"
+    assert "no-such-task" in one_line_error(result)
+    result = await cli(server, "tasks", "get", "no-such-task")
+    assert result.code == 3
+
+
+async def test_tasks_get_human_table(cli: Cli, server: FakeNanoBanana) -> None:
+    ids = [server.add_task(), server.add_task(outcome="fail")]
+    result = await cli(server, "tasks", "get", *ids)
+    assert result.code == 1
+    for task_id in ids:
+        assert task_id in result.out
+    assert "succeeded" in result.out
+    assert "forbidden" in result.out
+    assert server.tasks[ids[0]].image_urls[0] in result.out.splitlines()
+
+
+# --- tasks wait -------------------------------------------------------------------------
+
+
+async def test_tasks_wait_ids_from_stdin(cli: Cli, server: FakeNanoBanana) -> None:
+    ids = [server.add_task(duration=0.1 * i) for i in range(4)]
+    ids.append(server.add_task(duration=0.05, outcome="fail_no_images"))
+    result = await cli(server, "tasks", "wait", ids[0], "-", "--json", stdin=" ".join(ids[1:]))
+    assert result.code == 1
+    assert [entry["id"] for entry in result.tasks] == ids
+    assert [entry["state"] for entry in result.tasks] == ["succeeded"] * 4 + ["failed"]
+    assert result.tasks[4]["error"]["code"] == "no_images"
+    assert "counts" not in result.out
+    assert "5/5" in result.err  # the progress bar's final state
+    assert server.counts["retrieve"] == 0  # only coalesced batch reads
+
+
+async def test_tasks_wait_reads_json_of_another_command(
+    cli: Cli, server: FakeNanoBanana, tmp_path: Path
+) -> None:
+    submitted = await cli(server, "generate", "a cat", "--count", "2", "--no-wait", "--json")
+    result = await cli(
+        server, "tasks", "wait", "-", "--out", str(tmp_path), "--json", stdin=submitted.out
+    )
+    assert result.code == 0
+    (entry,) = result.tasks
+    assert entry["id"] == submitted.tasks[0]["id"]
+    assert len(entry["files"]) == 2
+    assert all(Path(name).parent == tmp_path for name in entry["files"])
+
+
+async def test_tasks_wait_human_summary(cli: Cli, server: FakeNanoBanana) -> None:
+    ids = [server.add_task(), server.add_task()]
+    result = await cli(server, "tasks", "wait", *ids)
+    assert result.code == 0
+    for task_id in ids:
+        assert task_id in result.out
+        assert server.tasks[task_id].image_urls[0] in result.out.splitlines()
+
+
+async def test_tasks_wait_timeout_lists_pending(cli: Cli, slow_server: FakeNanoBanana) -> None:
+    done = slow_server.add_task(duration=0)
+    pending = [slow_server.add_task(), slow_server.add_task()]
+    result = await cli(slow_server, "tasks", "wait", done, *pending, "--timeout", "0.3", "--json")
+    assert result.code == 4
+    assert [entry["state"] for entry in result.tasks] == ["succeeded", "pending", "pending"]
+    line = one_line_error(result)
+    assert "2 tasks still pending" in line
+    assert f"{pending[0]} {pending[1]}" in line
+    assert done not in line
+
+
+async def test_tasks_wait_empty_stdin_is_a_usage_error(cli: Cli, server: FakeNanoBanana) -> None:
+    result = await cli(server, "tasks", "wait", "-", stdin="  \n")
+    assert result.code == 2
+    assert "no task ids" in one_line_error(result)
+
+
+async def test_interrupted_wait_says_how_to_resume(
+    slow_server: FakeNanoBanana, capsys: pytest.CaptureFixture[str]
+) -> None:
+    ids = [slow_server.add_task(), slow_server.add_task()]
+    argv = ["--token", slow_server.token, "--base-url", slow_server.base_url]
+    argv += ["--poll-interval", "0.02", "tasks", "wait", *ids]
+    run = asyncio.create_task(main_async(argv))
+    await wait_until(lambda: slow_server.counts["retrieve_batch"] >= 1)
+    run.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await run
+    err = capsys.readouterr().err
+    assert "keep running on the service" in err
+    assert f"tasks wait --base-url {slow_server.base_url} {ids[0]} {ids[1]}" in err
+
+
+async def test_interrupted_generate_names_its_task(
+    slow_server: FakeNanoBanana, capsys: pytest.CaptureFixture[str]
+) -> None:
+    argv = ["--token", slow_server.token, "--base-url", slow_server.base_url]
+    run = asyncio.create_task(main_async([*argv, "--poll-interval", "0.02", "generate", "x"]))
+    await wait_until(lambda: slow_server.counts["retrieve_batch"] >= 1)
+    run.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await run
+    (task_id,) = slow_server.tasks
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert "The task keeps running on the service" in captured.err
+    assert captured.err.rstrip().endswith(task_id)
+
+
+# --- usage ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        [],
+        ["generate"],
+        ["generate", "x", "--count", "9"],
+        ["generate", "x", "--aspect-ratio", "5:4"],
+        ["generate", "x", "--timeout", "-1"],
+        ["edit", "x"],
+        ["tasks"],
+        ["tasks", "get"],
+        ["fake-server", "--fail-rate", "2"],
+    ],
+)
+async def test_usage_errors_exit_2(cli: Cli, argv: list[str]) -> None:
+    result = await cli(None, *argv)
+    assert result.code == 2
+    assert result.out == ""
+    assert "usage:" in result.err
+
+
+async def test_help_documents_json_and_exit_codes(cli: Cli) -> None:
+    result = await cli(None, "tasks", "wait", "--help")
+    assert result.code == 0
+    assert '"image_urls"' in result.out
+    assert "130" in result.out
+
+
+async def test_out_must_be_a_folder(cli: Cli, server: FakeNanoBanana, tmp_path: Path) -> None:
+    not_folder = tmp_path / "file"
+    not_folder.write_text("")
+    result = await cli(server, "generate", "x", "--out", str(not_folder))
+    assert result.code == 2
+    assert "folder" in one_line_error(result)
+    assert not server.counts
+
+
+def test_missing_rich_says_what_to_install(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setitem(sys.modules, "rich", None)  # makes "import rich" fail
+    assert main(["demo"]) == 2
+    assert "pip install 'nanobanana-async[cli]'" in capsys.readouterr().err
+
+
+# --- demo and fake-server ---------------------------------------------------------------
+
+
+async def test_demo_runs_offline(cli: Cli, tmp_path: Path) -> None:
+    result = await cli(None, "demo", "--out", str(tmp_path), "--json")
+    assert result.code == 0
+    states = [entry["state"] for entry in result.tasks]
+    assert states.count("succeeded") == 4
+    assert states.count("failed") == 1
+    files = [Path(name) for entry in result.tasks for name in entry["files"]]
+    assert len(files) == 5
+    assert sorted(files) == listing(tmp_path)
+    assert "local simulated server" in result.err
+    assert "no real images" in result.err
+
+
+async def test_fake_server_serves_a_real_client(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    run = asyncio.create_task(main_async(["fake-server", "--duration", "0", "0.1"]))
+    printed = ""
+
+    def started() -> bool:
+        nonlocal printed
+        printed += capsys.readouterr().out
+        return "export " in printed
+
+    await wait_until(started)
+    settings = dict(
+        part.split("=", 1) for part in printed.split("export ", 1)[1].split() if "=" in part
+    )
+    async with NanoBananaClient(
+        settings["ACEDATACLOUD_API_TOKEN"],
+        base_url=settings["ACEDATACLOUD_API_BASE_URL"],
+        poll_interval=0.02,
+        max_poll_interval=0.1,
+        retry=RetryPolicy.no_wait(),
+    ) as client:
+        submission = await client.generate("a cat", count=2)
+        task = await client.wait(submission, timeout=WAIT)
+        paths = await client.download_all(task, tmp_path)
+    assert len(paths) == 2
+    run.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await run
+    assert "Fake server stopped." in capsys.readouterr().err
+
+
+# --- as a subprocess --------------------------------------------------------------------
+
+
+async def spawn(
+    *args: str, server: FakeNanoBanana | None = None, env: dict[str, str] | None = None
+) -> asyncio.subprocess.Process:
+    environment = {k: v for k, v in os.environ.items() if k not in ENV_VARS}
+    if server is not None:
+        environment["ACEDATACLOUD_API_TOKEN"] = server.token
+        environment["ACEDATACLOUD_API_BASE_URL"] = server.base_url
+    environment.update(env or {})
+    return await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "nanobanana_async.cli",
+        *args,
+        stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        env=environment,
+    )
+
+
+async def finish(process: asyncio.subprocess.Process) -> Result:
+    """Wait for the process (killing it if it overstays) and collect its output."""
+    try:
+        async with asyncio.timeout(WAIT):
+            out, err = await process.communicate()
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+    assert process.returncode is not None
+    return Result(process.returncode, out.decode(), err.decode())
+
+
+async def test_subprocess_generate_json(server: FakeNanoBanana) -> None:
+    process = await spawn(
+        "generate", "a cat", "--count", "2", "--poll-interval", "0.02", "--json", server=server
+    )
+    result = await finish(process)
+    assert result.code == 0, result.err
+    (entry,) = result.tasks
+    assert entry["image_urls"] == server.tasks[entry["id"]].image_urls
+
+
+async def test_subprocess_bad_token(server: FakeNanoBanana) -> None:
+    process = await spawn("tasks", "get", "some-id", "--token", "wrong", server=server)
+    result = await finish(process)
+    assert result.code == 3
+    assert "invalid_token" in one_line_error(result)
+    assert result.err.count("\n") == 1
+
+
+async def test_subprocess_ctrl_c_while_waiting(slow_server: FakeNanoBanana) -> None:
+    ids = [slow_server.add_task(), slow_server.add_task()]
+    process = await spawn(
+        "tasks", "wait", *ids, "--poll-interval", "0.02", "--json", server=slow_server
+    )
+    try:
+        await wait_until(lambda: slow_server.counts["retrieve_batch"] >= 1)
+        process.send_signal(signal.SIGINT)
+    finally:
+        result = await finish(process)
+    assert result.code == 130
+    assert result.out == ""
+    assert "Traceback" not in result.err
+    assert "keep running on the service" in result.err
+    assert f"nanobanana tasks wait {ids[0]} {ids[1]}" in result.err
+
+
+async def test_subprocess_demo_needs_no_token(tmp_path: Path) -> None:
+    process = await spawn("demo", env={"TMPDIR": str(tmp_path)})
+    result = await finish(process)
+    assert result.code == 0, result.err
+    assert "local simulated server" in result.err
+    (folder,) = listing(tmp_path)
+    images = listing(folder)
+    assert len(images) == 5
+    assert all(path.suffix == ".png" and str(path) in result.out for path in images)
+
+
+async def test_subprocess_fake_server_until_ctrl_c() -> None:
+    process = await spawn("fake-server", "--duration", "0", "0")
+    try:
+        assert process.stdout is not None
+        lines: list[str] = []
+        async with asyncio.timeout(WAIT):
+            while not lines or "export " not in lines[-1]:
+                lines.append((await process.stdout.readline()).decode())
+        base_url = next(line.split()[-1] for line in lines if "base URL:" in line)
+        async with NanoBananaClient(
+            "test-token", base_url=base_url, poll_interval=0.02, retry=RetryPolicy.no_wait()
+        ) as client:
+            urls = await client.await_completion(await client.generate("a cat"), timeout=WAIT)
+        assert len(urls) == 1
+        process.send_signal(signal.SIGINT)
+    finally:
+        result = await finish(process)
+    assert result.code == 0
+    assert "Fake server stopped." in result.err
+    assert "Traceback" not in result.err
