@@ -1,0 +1,322 @@
+"""Memory per parked waiter, and the poller's CPU per round vs watched entries (issue 3).
+
+Part 1: 10,000 concurrent ``client.wait(id, timeout=600)`` tasks on 10,000 pending tasks
+(``add_task(duration=3600)`` on the fake server, run in a child process so tracemalloc
+sees the client alone). Bytes per waiter = growth of tracemalloc's traced memory from
+before the waiting tasks exist to after they are parked and every task has been polled
+once (so each waiter also holds its last record). Baseline in the same run: a bare
+``asyncio`` task parked on a future under ``asyncio.timeout``. Then every waiter is
+cancelled; the memory left behind (under 256 B per waiter counts as clean), whether any id
+is still watched and whether the poll loop stopped are checked. Target: under 3 KB per
+waiter.
+
+Part 2: the poller's CPU per round, driving ``nanobanana_async._poller.Poller`` directly
+with a fake ``fetch`` that answers pending records at once. ``watched`` entries are
+waited on, of which ``due`` (one batch) are eager and polled every millisecond, the rest
+lazy (next poll in an hour), so each round polls the same number of entries while the
+number watched grows 20x. CPU per round = ``time.process_time`` over many rounds /
+rounds. Target: largest / smallest CPU per round under 3x. A second table keeps 10,000
+watched and grows the number due, to show the cost follows the due entries.
+
+    python benchmarks/bench_memory.py [--waiters 10000] [--watched 1000 5000 10000 20000]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import gc
+import time
+import tracemalloc
+from collections.abc import Sequence
+
+from _common import RemoteFake, fmt_ratio, median, print_table, verdict
+
+from nanobanana_async import NanoBananaClient, ResponseDecodeError, Task, TaskResponse
+from nanobanana_async._poller import Poller
+
+BYTES_TARGET = 3 * 1024
+LEFT_TARGET = 256  # bytes per waiter still allocated after every waiter was cancelled
+CPU_RATIO_TARGET = 3.0
+BATCH = 50
+
+
+# --------------------------------------------------------------------------- part 1
+
+
+async def traced() -> int:
+    """Traced bytes once the loop has run its pending callbacks and garbage is collected.
+
+    Cancelled tasks and timer handles are only let go one loop iteration later.
+    """
+    for _ in range(3):
+        await asyncio.sleep(0)
+    gc.collect()
+    return tracemalloc.get_traced_memory()[0]
+
+
+async def bare_bytes_per_task(n: int) -> float:
+    """Baseline: bytes per plain asyncio task parked on a shared future with a timeout."""
+    loop = asyncio.get_running_loop()
+    gate: asyncio.Future[None] = loop.create_future()
+
+    async def park() -> None:
+        async with asyncio.timeout(600):
+            await asyncio.shield(gate)
+
+    before = await traced()
+    tasks = [asyncio.create_task(park()) for _ in range(n)]
+    for _ in range(5):
+        await asyncio.sleep(0)
+    grown = await traced() - before
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+    return grown / n
+
+
+async def waiter_memory(n: int) -> None:
+    async with RemoteFake(duration=3600.0) as server:
+        ids = [task.id for task in await server.add_tasks(n, duration=3600.0)]
+        async with NanoBananaClient(server.token, base_url=server.base_url) as client:
+            # Warm up once: session, connection pool, code paths, a first poll loop.
+            await client.retrieve(ids[0])
+            warm = await server.add_tasks(1, duration=0.0)
+            await client.wait(warm[0].id, timeout=30)
+            await server.reset_counts()
+
+            tracemalloc.start(1)
+            try:
+                await bare_bytes_per_task(n)  # grows asyncio's task set once, unmeasured
+                bare = await bare_bytes_per_task(n)
+                before = await traced()
+                snap_before = tracemalloc.take_snapshot()
+                waiters = [asyncio.create_task(client.wait(i, timeout=600)) for i in ids]
+                for _ in range(5):
+                    await asyncio.sleep(0)
+                parked = await traced()
+                # Let one full poll round go out (every id read once), and be taken in.
+                polled_started = time.perf_counter()
+                while True:
+                    stats = await server.stats()
+                    if sum(stats["batch_sizes"]) >= n:
+                        break
+                    if time.perf_counter() - polled_started > 60:
+                        raise RuntimeError("the first poll round did not finish in 60 s")
+                    await asyncio.sleep(0.1)
+                await asyncio.sleep(0.5)
+                polled = await traced()
+                snap_polled = tracemalloc.take_snapshot()
+                stats = await server.stats()
+                still_waiting = sum(1 for w in waiters if not w.done())
+
+                cancel_started = time.perf_counter()
+                for waiter in waiters:
+                    waiter.cancel()
+                outcomes = await asyncio.gather(*waiters, return_exceptions=True)
+                cancel_seconds = time.perf_counter() - cancel_started
+                cancelled = sum(1 for o in outcomes if isinstance(o, asyncio.CancelledError))
+                del outcomes, waiters  # they hold the exceptions, hence the waiters' frames
+                after_cancel = await traced()
+                snap_after = tracemalloc.take_snapshot()
+            finally:
+                tracemalloc.stop()
+            poller = client._poller  # private, read for diagnosis only
+            loop_stopped = poller._task is None or poller._task.done()
+            still_watched = sum(1 for i in ids if poller.watching(i))
+            heap_left = len(poller._heap)
+
+    per_parked = (parked - before) / n
+    per_polled = (polled - before) / n
+    left = (after_cancel - before) / n
+    print(f"{n} waiters on pending tasks: tracemalloc bytes per waiter")
+    print_table(
+        ["stage", "bytes/waiter", "vs bare parked task"],
+        [
+            ["bare task + timeout + shield (baseline)", f"{bare:.0f}", "1.00x"],
+            [
+                "client.wait parked (before any poll)",
+                f"{per_parked:.0f}",
+                fmt_ratio(per_parked / bare),
+            ],
+            [
+                "client.wait after one poll round",
+                f"{per_polled:.0f}",
+                fmt_ratio(per_polled / bare),
+            ],
+            ["left after cancelling all", f"{left:.0f}", "-"],
+        ],
+    )
+    print(
+        f"poll requests in that round: {stats['counts'].get('retrieve_batch', 0)} retrieve_batch; "
+        f"waiters still waiting before cancel: {still_waiting}/{n}"
+    )
+    print(
+        f"cancel: {cancelled}/{n} cancelled in {cancel_seconds:.2f} s; ids still watched: "
+        f"{still_watched}; poll loop stopped: {loop_stopped}; "
+        f"items left in the poller's heap (Poller._heap): {heap_left}"
+    )
+    for title, snap in (("after one poll round", snap_polled), ("after cancel", snap_after)):
+        print(f"largest growths {title}, by line allocated (bytes/waiter):")
+        for stat in snap.compare_to(snap_before, "lineno")[:6]:
+            frame = stat.traceback[0]
+            where = "/".join(frame.filename.split("/")[-2:])
+            print(f"  {stat.size_diff / n:8.0f}  {where}:{frame.lineno}")
+    verdict(
+        f"under {BYTES_TARGET} bytes per parked waiter (after one poll round)",
+        per_polled < BYTES_TARGET,
+        f"{per_polled:.0f} bytes/waiter ({per_parked:.0f} before the first poll)",
+    )
+    verdict(
+        "clean cancel (all cancelled, nothing watched, loop stopped, "
+        f"< {LEFT_TARGET} B/waiter kept)",
+        cancelled == n
+        and still_watched == 0
+        and loop_stopped
+        and still_waiting == n
+        and left < LEFT_TARGET,
+        f"{cancelled}/{n} cancelled, {still_watched} still watched, loop stopped: {loop_stopped}, "
+        f"{left:.0f} bytes/waiter still allocated, {heap_left} heap items left",
+    )
+
+
+# --------------------------------------------------------------------------- part 2
+
+
+def pending_record(task_id: str) -> Task:
+    return Task(
+        id=task_id,
+        created_at=1757183036.787,
+        type="images",
+        trace_id=task_id,
+        request={"action": "generate", "prompt": "a test image", "async": True},
+        response=TaskResponse(success=True, task_id=task_id, trace_id=task_id),
+    )
+
+
+async def round_cpu(watched: int, due: int, rounds: int) -> float:
+    """CPU seconds per poll round with ``watched`` entries of which ``due`` are polled."""
+    records = {f"task-{i:06d}": pending_record(f"task-{i:06d}") for i in range(watched)}
+    fetched = 0
+    goal = 0
+    reached = asyncio.Event()
+
+    async def fetch(ids: list[str]) -> tuple[dict[str, Task], dict[str, ResponseDecodeError]]:
+        nonlocal fetched
+        fetched += 1
+        if fetched >= goal:
+            reached.set()
+        return {i: records[i] for i in ids}, {}
+
+    async def until(count: int) -> None:
+        nonlocal goal
+        goal = count
+        reached.clear()
+        if fetched < goal:
+            await reached.wait()
+
+    poller = Poller(
+        fetch,
+        batch_size=BATCH,
+        poll_interval=0.001,
+        max_poll_interval=0.001,
+        not_found_grace=30.0,
+        lazy_poll_interval=3600.0,
+    )
+    ids = list(records)
+    waiters = [
+        asyncio.create_task(poller.wait(i, timeout=600, lazy=n >= due)) for n, i in enumerate(ids)
+    ]
+    requests_per_round = -(-due // BATCH)
+    try:
+        async with asyncio.timeout(120):
+            await until(20 * requests_per_round)  # warm up
+            start_fetched, start_cpu = fetched, time.process_time()
+            await until(start_fetched + rounds * requests_per_round)
+            cpu = time.process_time() - start_cpu
+            done_rounds = (fetched - start_fetched) / requests_per_round
+    finally:
+        for waiter in waiters:
+            waiter.cancel()
+        await asyncio.gather(*waiters, return_exceptions=True)
+        await poller.aclose()
+    return cpu / done_rounds
+
+
+async def poller_cpu(
+    watched_sizes: list[int], due_sizes: list[int], rounds: int, repeat: int
+) -> None:
+    gc.collect()
+    per_size: dict[int, list[float]] = {w: [] for w in watched_sizes}
+    for _ in range(repeat):  # sizes interleaved, medians taken
+        for watched in watched_sizes:
+            cpu = await round_cpu(watched, BATCH, rounds)
+            per_size[watched].append(cpu)
+    base = median(per_size[watched_sizes[0]])
+    rows = []
+    for watched in watched_sizes:
+        cpu = median(per_size[watched])
+        rows.append(
+            [
+                watched,
+                BATCH,
+                f"{cpu * 1e6:.0f}",
+                f"{cpu / BATCH * 1e6:.2f}",
+                fmt_ratio(cpu / base),
+            ]
+        )
+    print(
+        f"poller CPU per round (fake fetch, {BATCH} due per round, {rounds} rounds, "
+        f"median of {repeat})"
+    )
+    print_table(
+        ["watched", "due/round", "CPU us/round", "CPU us/due entry", f"vs {watched_sizes[0]}"],
+        rows,
+    )
+    fixed = 10_000
+    rows = []
+    by_due: dict[int, float] = {}
+    for due in due_sizes:
+        samples = [await round_cpu(fixed, due, rounds) for _ in range(repeat)]
+        by_due[due] = median(samples)
+    for due in due_sizes:
+        cpu = by_due[due]
+        rows.append([fixed, due, f"{cpu * 1e6:.0f}", f"{cpu / due * 1e6:.2f}"])
+    print(f"poller CPU per round with {fixed} watched, growing the due entries")
+    print_table(["watched", "due/round", "CPU us/round", "CPU us/due entry"], rows)
+    largest = max(median(v) for v in per_size.values())
+    smallest = min(median(v) for v in per_size.values())
+    growth = watched_sizes[-1] / watched_sizes[0]
+    verdict(
+        f"CPU per round stays flat as watched entries grow {growth:g}x",
+        largest / smallest < CPU_RATIO_TARGET,
+        f"largest/smallest {fmt_ratio(largest / smallest)} (target < {CPU_RATIO_TARGET:g}x)",
+    )
+
+
+async def main(args: argparse.Namespace) -> None:
+    await waiter_memory(args.waiters)
+    print()
+    await poller_cpu(args.watched, args.due, args.rounds, args.repeat)
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
+    parser.add_argument("--waiters", type=int, default=10_000, help="concurrent waiters (part 1)")
+    parser.add_argument(
+        "--watched",
+        type=int,
+        nargs="+",
+        default=[1_000, 5_000, 10_000, 20_000],
+        help="watched entries (part 2)",
+    )
+    parser.add_argument(
+        "--due", type=int, nargs="+", default=[50, 200, 1000], help="due entries per round"
+    )
+    parser.add_argument("--rounds", type=int, default=300, help="rounds timed per setting")
+    parser.add_argument("--repeat", type=int, default=3, help="repeats per setting (median)")
+    return parser.parse_args(argv)
+
+
+if __name__ == "__main__":
+    asyncio.run(main(parse_args()))
