@@ -19,7 +19,7 @@ import cattrs
 from cattrs.cols import list_structure_factory
 from cattrs.gen import make_dict_structure_fn, override
 
-from ._models import ErrorDetail, Submission, Task
+from ._models import ErrorDetail, Submission
 
 __all__ = ["DecodeFailure", "converter", "make_converter", "structure"]
 
@@ -63,7 +63,11 @@ def _structure_float(value: Any, _: type) -> float:
 
 
 def _structure_optional_float(value: Any, _: type) -> float | None:
-    return None if value is None else _structure_float(value, float)
+    if type(value) is float or value is None:
+        return value
+    if type(value) is int:
+        return float(value)
+    raise _type_error("a number or null", value)
 
 
 def _structure_int(value: Any, _: type) -> int:
@@ -126,9 +130,8 @@ def _is_optional(cls: Any) -> bool:
     return get_origin(cls) in (Union, UnionType) and len(args) == 2 and type(None) in args
 
 
-# Wire keys that differ from field names, and fields that never come from the wire.
+# Fields that never come from the wire.
 _OVERRIDES: dict[type, dict[str, Any]] = {
-    Task: {"record_id": override(rename="_id")},
     Submission: {"callback_url": override(omit=True)},
 }
 
@@ -189,7 +192,10 @@ def make_converter(*, forbid_extra_keys: bool = False) -> cattrs.Converter:
     return conv
 
 
+#: The production converter, used for every answer.
 converter = make_converter()
+
+_FAILURES = (cattrs.BaseValidationError, TypeError, ValueError, KeyError, AttributeError)
 
 
 def structure(
@@ -197,11 +203,12 @@ def structure(
 ) -> T:
     """Structure ``value`` as ``cls``, turning any cattrs failure into a DecodeFailure.
 
-    ``path`` names where ``value`` sits in the body, for the failure's messages.
+    ``path`` names where ``value`` sits in the body, for the failure's messages; ``conv``
+    replaces the production converter (tests pass a strict one).
     """
     if not isinstance(value, dict):
         raise DecodeFailure([f"expected an object, got {type(value).__name__} @ {path}"])
     try:
         return (conv or converter).structure(value, cls)
-    except (cattrs.BaseValidationError, TypeError, ValueError, KeyError, AttributeError) as exc:
+    except _FAILURES as exc:
         raise DecodeFailure(cattrs.transform_error(exc, path=path)) from None

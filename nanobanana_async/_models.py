@@ -91,13 +91,9 @@ class Task:
     request: dict[str, Any] | None = field(default=None, repr=False)
     response: TaskResponse | None = None
     error: ErrorDetail | None = None
-    # Bookkeeping ids the service adds to every record; kept so strict decoding of
-    # recorded fixtures can tell real drift from known fields.
-    record_id: str | None = field(default=None, repr=False)
-    api_id: str | None = field(default=None, repr=False)
-    application_id: str | None = field(default=None, repr=False)
-    credential_id: str | None = field(default=None, repr=False)
-    user_id: str | None = field(default=None, repr=False)
+    # Not kept: the account bookkeeping ids every record carries (``_id``, ``api_id``,
+    # ``application_id``, ``credential_id``, ``user_id``). Thousands of watched records
+    # would hold copies of them, and nothing here needs them.
 
     @property
     def image_urls(self) -> list[str]:

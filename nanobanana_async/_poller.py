@@ -15,6 +15,7 @@ entries it polls, not to all entries watched.
 from __future__ import annotations
 
 import asyncio
+import copy
 import heapq
 import inspect
 import itertools
@@ -65,60 +66,97 @@ _RECENT_LIMIT = 1024  # finished records from callbacks kept for waits not start
 
 
 class _Entry:
-    """One watched task id: its schedule, last record, and the future its waiters share."""
+    """One watched task id, shared by all its waiters: schedule, last record, outcome.
+
+    Kept small (10,000 waiters must cost under 3 KB each): waiters park on futures of
+    their own in ``listeners``, woken at every record change and at the outcome.
+    """
 
     __slots__ = (
-        "_changed",
-        "delays",
-        "done",
+        "attempt",
         "due",
         "last",
         "lazy",
+        "listeners",
         "missing_since",
+        "on_settle",
+        "outcome",
         "refs",
         "scheduled",
         "task_id",
         "version",
     )
 
-    def __init__(self, task_id: str, done: asyncio.Future[Task], lazy: bool) -> None:
+    def __init__(self, task_id: str, lazy: bool) -> None:
         self.task_id = task_id
-        self.done = done
         self.lazy = lazy
         self.refs = 0
         self.last: Task | None = None
-        self.version = 0
+        self.version = 0  # bumped at every change of ``last``
+        self.outcome: Task | BaseException | None = None  # set once, when settled
+        self.attempt = 0  # polls so far: the index into the poller's delays
         self.due = 0.0
         self.scheduled = False  # whether a live heap item stands for this entry
         self.missing_since: float | None = None
-        self.delays: Generator[float, Any, None] | None = None
-        self._changed: asyncio.Future[None] | None = None
+        self.listeners: list[asyncio.Future[None]] | None = None
+        self.on_settle: list[Callable[[_Entry], None]] | None = None
 
-    def changed(self) -> asyncio.Future[None]:
-        """A future resolved at the entry's next record change or completion."""
-        if self._changed is None:
-            self._changed = self.done.get_loop().create_future()
-        return self._changed
+    def next_change(self, loop: asyncio.AbstractEventLoop) -> asyncio.Future[None]:
+        """A future of the caller's own, resolved at the next change or the outcome."""
+        future = loop.create_future()
+        if self.listeners is None:
+            self.listeners = [future]
+        else:
+            self.listeners.append(future)
+        return future
+
+    def drop(self, future: asyncio.Future[None]) -> None:
+        """Forget a listener that stopped listening (its waiter was cancelled)."""
+        if self.listeners is not None and future in self.listeners:
+            self.listeners.remove(future)
 
     def update(self, task: Task) -> None:
         if task != self.last:
             self.last = task
             self.version += 1
-            self._wake()
+            self._notify()
 
-    def _wake(self) -> None:
-        if self._changed is not None:
-            if not self._changed.done():
-                self._changed.set_result(None)
-            self._changed = None
+    def settle(self, outcome: Task | BaseException) -> None:
+        if self.outcome is not None:
+            return
+        self.outcome = outcome
+        self._notify()
+        callbacks, self.on_settle = self.on_settle, None
+        for callback in callbacks or ():
+            callback(self)
 
-    def settle(self, result: Task | BaseException) -> None:
-        if not self.done.done():
-            if isinstance(result, Task):
-                self.done.set_result(result)
-            else:
-                self.done.set_exception(result)
-        self._wake()
+    def _notify(self) -> None:
+        listeners, self.listeners = self.listeners, None
+        for future in listeners or ():
+            if not future.done():
+                future.set_result(None)
+
+
+def _result(entry: _Entry) -> Task:
+    """The settled outcome: the finished record, or a raise of a copy of its error.
+
+    Many waiters may share one error; each raises its own copy, or the one instance's
+    traceback would grow with every task it is raised in.
+    """
+    outcome = entry.outcome
+    if isinstance(outcome, Task):
+        return outcome
+    assert outcome is not None
+    try:
+        error = copy.copy(outcome)
+    except Exception:
+        error = outcome.with_traceback(None)
+    raise error
+
+
+def _expire(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)
 
 
 class Poller:
@@ -152,6 +190,12 @@ class Poller:
         self._failure_delays: Generator[float, Any, None] | None = None
         self._closed = False
         self._recent: OrderedDict[str, Task] = OrderedDict()
+        # Every task follows the same backoff schedule: computed once from backoff's
+        # generator, each entry keeps only its index into it.
+        self._delays = _schedule_of(
+            backoff.expo(base=_GROWTH, factor=poll_interval, max_value=max_poll_interval),
+            max_poll_interval,
+        )
 
     # --- waiters --------------------------------------------------------------------
 
@@ -164,17 +208,33 @@ class Poller:
         lazy: bool = False,
     ) -> Task:
         """The finished record of ``task_id``; raises TaskTimeoutError at the deadline."""
+        loop = asyncio.get_running_loop()
+        deadline = None if timeout is None else loop.time() + timeout
         entry = self._acquire(task_id, lazy=lazy)
+        seen = 0
         try:
-            async with asyncio.timeout(timeout):
-                if on_update is None:
-                    return await asyncio.shield(entry.done)
-                return await _follow(entry, on_update)
+            while True:
+                if on_update is not None and entry.version > seen and entry.last is not None:
+                    seen = entry.version
+                    await _call(on_update, entry.last, deadline)
+                    continue  # the record may have changed again meanwhile
+                if entry.outcome is not None:
+                    return _result(entry)
+                if deadline is not None and loop.time() >= deadline:
+                    raise TaskTimeoutError(task_id, entry.last, timeout=timeout)
+                change = entry.next_change(loop)
+                alarm = None if deadline is None else loop.call_at(deadline, _expire, change)
+                try:
+                    await change
+                finally:
+                    if alarm is not None:
+                        alarm.cancel()
+                    if change.cancelled():
+                        entry.drop(change)
         except TimeoutError as exc:
             if isinstance(exc, NanoBananaError):
                 raise
-            if entry.done.done() and not entry.done.cancelled():
-                return entry.done.result()  # finished in the very same loop iteration
+            # on_update outlived the deadline
             raise TaskTimeoutError(task_id, entry.last, timeout=timeout) from None
         finally:
             await self._release(entry)
@@ -189,14 +249,13 @@ class Poller:
             for task_id in dict.fromkeys(task_ids)
         }
         finished: asyncio.Queue[_Entry] = asyncio.Queue()
-        callbacks = []
         for entry in entries.values():
-
-            def on_done(_: object, entry: _Entry = entry) -> None:
+            if entry.outcome is not None:
                 finished.put_nowait(entry)
-
-            entry.done.add_done_callback(on_done)
-            callbacks.append((entry, on_done))
+            elif entry.on_settle is None:
+                entry.on_settle = [finished.put_nowait]
+            else:
+                entry.on_settle.append(finished.put_nowait)
         loop = asyncio.get_running_loop()
         deadline = None if timeout is None else loop.time() + timeout
         try:
@@ -208,13 +267,12 @@ class Poller:
                     pending = next(iter(entries.values()))
                     raise TaskTimeoutError(pending.task_id, pending.last, timeout=timeout) from None
                 del entries[entry.task_id]
-                result = entry.done.result()
                 await self._release(entry)
-                yield result
+                yield _result(entry)
         finally:
-            for entry, on_done in callbacks:
-                entry.done.remove_done_callback(on_done)
             for entry in entries.values():
+                if entry.on_settle is not None and finished.put_nowait in entry.on_settle:
+                    entry.on_settle.remove(finished.put_nowait)
                 await self._release(entry)
 
     def feed(self, task: Task, *, remember: bool = False) -> bool:
@@ -256,7 +314,7 @@ class Poller:
         loop = asyncio.get_running_loop()
         entry = self._entries.get(task_id)
         if entry is None:
-            entry = _Entry(task_id, loop.create_future(), lazy)
+            entry = _Entry(task_id, lazy)
             early = self._recent.pop(task_id, None)
             if early is not None:
                 entry.refs += 1
@@ -275,8 +333,6 @@ class Poller:
         return entry
 
     async def _release(self, entry: _Entry) -> None:
-        if entry.done.done() and not entry.done.cancelled():
-            entry.done.exception()  # seen by this waiter: no "never retrieved" report
         entry.refs -= 1
         if entry.refs == 0 and self._entries.get(entry.task_id) is entry:
             self._forget(entry)
@@ -284,6 +340,7 @@ class Poller:
             await self._stop()
 
     async def _stop(self) -> None:
+        self._heap.clear()  # only stale items can be left: let their entries go
         task, self._task = self._task, None
         if task is not None and not task.done():
             task.cancel()
@@ -292,6 +349,11 @@ class Poller:
     def _forget(self, entry: _Entry) -> None:
         del self._entries[entry.task_id]
         entry.scheduled = False  # its heap item, if any, is skipped when popped
+        # Rebuild the heap once stale items outnumber live ones, so forgotten entries
+        # (timed out, cancelled, finished by a callback) do not pile up in it.
+        if len(self._heap) > 2 * len(self._entries) + 64:
+            self._heap = [item for item in self._heap if _live(item)]
+            heapq.heapify(self._heap)
 
     def _finish(self, entry: _Entry, task: Task) -> None:
         if self._entries.get(entry.task_id) is entry:
@@ -306,16 +368,14 @@ class Poller:
 
     def _schedule(self, entry: _Entry, now: float, delay: float | None = None) -> None:
         if delay is None:
-            if entry.delays is None:
-                entry.delays = backoff.expo(
-                    base=_GROWTH, factor=self._poll_interval, max_value=self._max_poll_interval
-                )
-                next(entry.delays)  # backoff's generators start with a bare yield
             if entry.lazy:
                 delay = self._lazy_poll_interval
             else:
-                delay = next(entry.delays) * random.uniform(1 - _JITTER, 1 + _JITTER)
+                delays = self._delays
+                delay = delays[min(entry.attempt, len(delays) - 1)]
+                delay *= random.uniform(1 - _JITTER, 1 + _JITTER)
                 delay = min(max(delay, self._poll_interval), self._max_poll_interval)
+            entry.attempt += 1
         entry.due = now + delay
         entry.scheduled = True
         heapq.heappush(self._heap, (entry.due, next(self._seq), entry))
@@ -325,9 +385,8 @@ class Poller:
     def _peek(self) -> _Entry | None:
         heap = self._heap
         while heap:
-            due, _, entry = heap[0]
-            if entry.scheduled and entry.due == due:
-                return entry
+            if _live(heap[0]):
+                return heap[0][2]
             heapq.heappop(heap)  # stale: forgotten or rescheduled since
         return None
 
@@ -443,16 +502,26 @@ class Poller:
                 self._schedule(entry, now, delay)
 
 
-async def _follow(entry: _Entry, on_update: OnUpdate) -> Task:
-    """Wait for the entry to finish, calling ``on_update`` with each new record."""
-    seen = 0
-    while True:
-        if entry.version > seen and entry.last is not None:
-            seen = entry.version
-            result = on_update(entry.last)
-            if inspect.isawaitable(result):
-                await result
-            continue  # the record may have changed again while on_update ran
-        if entry.done.done():
-            return entry.done.result()
-        await asyncio.shield(entry.changed())
+def _live(item: tuple[float, int, _Entry]) -> bool:
+    """Whether a heap item still stands for its entry's schedule."""
+    due, _, entry = item
+    return entry.scheduled and entry.due == due
+
+
+def _schedule_of(waits: Generator[float, Any, None], cap: float) -> list[float]:
+    """The waits a backoff generator yields, up to the first that reaches ``cap``."""
+    next(waits)  # backoff's generators start with a bare yield
+    schedule: list[float] = []
+    for wait in waits:
+        schedule.append(min(wait, cap))
+        if wait >= cap or len(schedule) >= 64:
+            return schedule
+    return schedule
+
+
+async def _call(on_update: OnUpdate, task: Task, deadline: float | None) -> None:
+    """Call ``on_update`` with ``task``, awaiting it (within the deadline) if async."""
+    result = on_update(task)
+    if inspect.isawaitable(result):
+        async with asyncio.timeout_at(deadline):
+            await result

@@ -303,3 +303,54 @@ async def test_cancelling_as_completed_ends_its_waits(
     with contextlib.suppress(asyncio.CancelledError):
         await consumer
     assert not poller_tasks()
+
+
+# --- resources ------------------------------------------------------------------------------
+
+
+async def test_cancelled_waits_leave_nothing_in_the_schedule(
+    client: NanoBananaClient, server: FakeNanoBanana
+) -> None:
+    # Regression: forgotten entries stayed in the poller's heap after the last waiter
+    # left, holding their records until the client's next wait.
+    waiters = [
+        asyncio.create_task(client.wait(server.add_task(duration=60), timeout=5))
+        for _ in range(300)
+    ]
+    await asyncio.sleep(0.2)  # polled at least once: every entry holds a record
+    for waiter in waiters:
+        waiter.cancel()
+    await asyncio.gather(*waiters, return_exceptions=True)
+    assert not client._poller._entries
+    assert not client._poller._heap
+
+
+async def test_timed_out_entries_do_not_pile_up_while_the_loop_runs(
+    client: NanoBananaClient, server: FakeNanoBanana
+) -> None:
+    keeper = asyncio.create_task(client.wait(server.add_task(duration=60), timeout=5))
+    for _ in range(3):
+        ids = [server.add_task(duration=60) for _ in range(200)]
+        await asyncio.gather(
+            *(client.wait(task_id, timeout=0.05) for task_id in ids), return_exceptions=True
+        )
+    poller = client._poller
+    assert len(poller._entries) == 1
+    assert len(poller._heap) <= 2 * len(poller._entries) + 64
+    keeper.cancel()
+    await asyncio.gather(keeper, return_exceptions=True)
+
+
+async def test_a_shared_error_is_raised_as_separate_instances(
+    client: NanoBananaClient, server: FakeNanoBanana
+) -> None:
+    # One instance raised in many tasks would grow its traceback with each of them.
+    task_id = server.add_task(duration=60)
+    server.inject("error", status=401, action="retrieve_batch")
+    first, second = await asyncio.gather(
+        client.wait(task_id, timeout=5), client.wait(task_id, timeout=5), return_exceptions=True
+    )
+    assert isinstance(first, AuthenticationError)
+    assert isinstance(second, AuthenticationError)
+    assert first is not second
+    assert first.code == second.code
