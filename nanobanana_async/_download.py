@@ -23,8 +23,9 @@ from typing import Final
 import aiohttp
 from yarl import URL
 
-from ._errors import APIConnectionError, APITimeoutError, DownloadError, NanoBananaError
+from ._errors import APIConnectionError, DownloadError, NanoBananaError
 from ._retry import RetryPolicy, retrying
+from ._transport import network_error
 
 __all__ = ["download", "download_all"]
 
@@ -151,22 +152,12 @@ async def _attempt(
             return await _stream_to(response, target, url, shown)
     except NanoBananaError:
         raise
-    except aiohttp.ConnectionTimeoutError as exc:
-        raise APITimeoutError(f"timed out connecting to {shown}", request_sent=False) from exc
-    except aiohttp.ClientConnectorError as exc:
-        raise APIConnectionError(
-            f"cannot connect to {shown}: {exc.strerror or exc.os_error}", request_sent=False
-        ) from exc
-    except (TimeoutError, aiohttp.ServerTimeoutError) as exc:
-        raise APITimeoutError(f"download from {shown} stalled") from exc
     except aiohttp.ClientPayloadError as exc:
         raise _TransientDownloadError(
             f"download from {shown} was cut short: {exc}", url=url
         ) from exc
-    except aiohttp.ClientError as exc:
-        raise APIConnectionError(
-            f"download from {shown} failed: {type(exc).__name__}: {exc}"
-        ) from exc
+    except (aiohttp.ClientError, TimeoutError) as exc:
+        raise network_error(exc, shown) from exc
 
 
 def _check_response(response: aiohttp.ClientResponse, url: str, shown: str) -> None:

@@ -15,7 +15,7 @@ from yarl import URL
 from ._errors import APIConnectionError, APITimeoutError
 from ._protocol import RawResponse
 
-__all__ = ["post"]
+__all__ = ["network_error", "origin", "post"]
 
 
 async def post(
@@ -32,28 +32,31 @@ async def post(
             url, data=body, headers=headers, timeout=timeout, allow_redirects=False
         ) as response:
             return RawResponse(response.status, response.headers, await response.read())
-    except aiohttp.ConnectionTimeoutError as exc:
-        raise APITimeoutError(
-            f"timed out connecting to {_origin(url)}", request_sent=False
-        ) from exc
-    except aiohttp.ClientConnectorError as exc:
-        raise APIConnectionError(
-            f"cannot connect to {_origin(url)}: {exc.strerror or exc.os_error}",
-            request_sent=False,
-        ) from exc
-    except (TimeoutError, aiohttp.ServerTimeoutError) as exc:
-        raise APITimeoutError(
-            f"no answer from {_origin(url)} within {timeout.total:g} s"
-            if timeout.total
-            else f"no answer from {_origin(url)}"
-        ) from exc
-    except aiohttp.ClientError as exc:
-        raise APIConnectionError(
-            f"connection to {_origin(url)} failed: {type(exc).__name__}: {exc}"
-        ) from exc
+    except (aiohttp.ClientError, TimeoutError) as exc:
+        raise network_error(exc, origin(url), timeout.total) from exc
 
 
-def _origin(url: str) -> str:
+def network_error(
+    exc: aiohttp.ClientError | TimeoutError, where: str, timeout: float | None = None
+) -> APIConnectionError:
+    """Our error for an aiohttp failure, saying whether the request can have been sent.
+
+    Only a connection that was never made (refused, unresolvable, timed out connecting)
+    counts as not sent.
+    """
+    if isinstance(exc, aiohttp.ConnectionTimeoutError):
+        return APITimeoutError(f"timed out connecting to {where}", request_sent=False)
+    if isinstance(exc, aiohttp.ClientConnectorError):
+        return APIConnectionError(
+            f"cannot connect to {where}: {exc.strerror or exc.os_error}", request_sent=False
+        )
+    if isinstance(exc, aiohttp.ServerTimeoutError | TimeoutError):
+        within = f" within {timeout:g} s" if timeout else ""
+        return APITimeoutError(f"no answer from {where}{within}")
+    return APIConnectionError(f"connection to {where} failed: {type(exc).__name__}: {exc}")
+
+
+def origin(url: str) -> str:
     """scheme://host[:port] of a URL, for messages (never a query or a path)."""
     parsed = URL(url)
     return str(parsed.origin()) if parsed.is_absolute() else url
