@@ -303,13 +303,16 @@ class NanoBananaClient:
         if not verify:
             return claimed if self._poller.feed(claimed, remember=True) else None
         if not self._poller.watching(claimed.id):
+            self._poller.expedite(claimed.id)  # a wait starting soon polls eagerly
             return None
         try:
             confirmed = await self.retrieve(claimed.id)
         except TaskNotFoundError:
             return None
         if not confirmed.done:
-            return None  # premature or forged: polling carries on
+            # Premature (the record lags the callback) or forged: poll it eagerly.
+            self._poller.expedite(claimed.id)
+            return None
         return confirmed if self._poller.feed(confirmed) else None
 
     # --- downloads --------------------------------------------------------------------

@@ -23,7 +23,7 @@ import logging
 import random
 from collections import OrderedDict
 from collections.abc import AsyncGenerator, Awaitable, Callable, Generator, Iterable
-from typing import Any
+from typing import Any, TypeVar
 
 import backoff
 
@@ -62,7 +62,9 @@ _GROWTH = 1.5
 _JITTER = 0.1  # +-10 %: spreads tasks submitted together without breaking batches up
 _MAX_FAILURE_WAIT = 30.0  # cap on the loop's own backoff after failed rounds
 _CONCURRENT_REQUESTS = 8  # batch requests of one round in flight at once
-_RECENT_LIMIT = 1024  # finished records from callbacks kept for waits not started yet
+_RECENT_LIMIT = 1024  # callbacks remembered for waits not started yet
+
+T = TypeVar("T")
 
 
 class _Entry:
@@ -190,6 +192,7 @@ class Poller:
         self._failure_delays: Generator[float, Any, None] | None = None
         self._closed = False
         self._recent: OrderedDict[str, Task] = OrderedDict()
+        self._announced: OrderedDict[str, None] = OrderedDict()  # see expedite()
         # Every task follows the same backoff schedule: computed once from backoff's
         # generator, each entry keeps only its index into it.
         self._delays = _schedule_of(
@@ -284,16 +287,27 @@ class Poller:
         entry = self._entries.get(task.id)
         if entry is None:
             if remember and task.done:
-                self._recent[task.id] = task
-                self._recent.move_to_end(task.id)
-                while len(self._recent) > _RECENT_LIMIT:
-                    self._recent.popitem(last=False)
+                _remember(self._recent, task.id, task)
             return False
         entry.update(task)
         if not task.done:
             return False
         self._finish(entry, task)
         return True
+
+    def expedite(self, task_id: str) -> None:
+        """A callback announced ``task_id`` but did not settle it: poll it eagerly.
+
+        For a watched task (its record lagged the callback) from now on; for one nobody
+        waits on yet, from when a wait starts. A bounded number are remembered.
+        """
+        entry = self._entries.get(task_id)
+        if entry is None:
+            _remember(self._announced, task_id, None)
+            return
+        entry.lazy = False
+        entry.attempt = 0
+        self._schedule(entry, asyncio.get_running_loop().time())
 
     def watching(self, task_id: str) -> bool:
         """Whether some waiter is waiting on ``task_id``."""
@@ -314,6 +328,9 @@ class Poller:
         loop = asyncio.get_running_loop()
         entry = self._entries.get(task_id)
         if entry is None:
+            if task_id in self._announced:
+                del self._announced[task_id]
+                lazy = False
             entry = _Entry(task_id, lazy)
             early = self._recent.pop(task_id, None)
             if early is not None:
@@ -500,6 +517,14 @@ class Poller:
         for entry in batch:
             if self._entries.get(entry.task_id) is entry:
                 self._schedule(entry, now, delay)
+
+
+def _remember(memory: OrderedDict[str, T], key: str, value: T) -> None:
+    """Keep ``key`` as the newest of a bounded memory, dropping the oldest past the limit."""
+    memory[key] = value
+    memory.move_to_end(key)
+    while len(memory) > _RECENT_LIMIT:
+        memory.popitem(last=False)
 
 
 def _live(item: tuple[float, int, _Entry]) -> bool:

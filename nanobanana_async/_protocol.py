@@ -137,7 +137,8 @@ def build_submission(
         body["count"] = count
     if callback_url is not None:
         if not isinstance(callback_url, str) or not re.match(r"https?://", callback_url):
-            raise ValueError(f"callback_url must be an http(s) URL, got {callback_url!r}")
+            # Not echoed: a callback URL may carry a secret.
+            raise ValueError("callback_url must be an http(s) URL")
         body["callback_url"] = callback_url
     body["async"] = True
     return body

@@ -14,6 +14,7 @@ from nanobanana_async import (
     NanoBananaClient,
     PermissionDeniedError,
     RetryPolicy,
+    Submission,
     Task,
     TaskFailedError,
     TaskNotFoundError,
@@ -354,3 +355,35 @@ async def test_a_shared_error_is_raised_as_separate_instances(
     assert isinstance(second, AuthenticationError)
     assert first is not second
     assert first.code == second.code
+
+
+# --- callbacks and lazy polling --------------------------------------------------------------
+
+
+async def test_callback_before_the_wait_makes_the_wait_poll_eagerly(
+    make_client: MakeClient, server: FakeNanoBanana
+) -> None:
+    async with make_client(callback_poll_interval=60) as client:
+        # Port 9 on loopback: nothing listens, the fake server's delivery just fails.
+        submission = await client.generate("a cat", callback_url="http://127.0.0.1:9/cb")
+        server.finish(submission.task_id)
+        body = server.tasks[submission.task_id].result()
+        assert await client.feed_callback(body) is None  # nobody waits yet: not resolved
+        # Without the callback's hint this wait would poll lazily, after 60 s.
+        task = await client.wait(submission, timeout=5)
+    assert task.state is TaskState.SUCCEEDED
+
+
+async def test_premature_callback_makes_a_lazy_wait_poll_eagerly(
+    make_client: MakeClient, server: FakeNanoBanana
+) -> None:
+    async with make_client(callback_poll_interval=60) as client:
+        task_id = server.add_task(duration=60)  # still running on the service
+        submission = Submission(task_id, callback_url="http://127.0.0.1:9/cb")
+        waiter = asyncio.create_task(client.wait(submission, timeout=5))
+        await asyncio.sleep(0.05)
+        forged = {"success": True, "task_id": task_id, "data": [{"image_url": "https://x/y"}]}
+        assert await client.feed_callback(forged) is None  # confirmed not done: ignored
+        server.finish(task_id)
+        task = await waiter
+    assert task.image_urls == server.tasks[task_id].image_urls

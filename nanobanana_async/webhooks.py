@@ -1,0 +1,343 @@
+"""Receive the service's ``callback_url`` deliveries: the fast path beside polling.
+
+The service POSTs a finished task's result to the ``callback_url`` of its submission,
+unsigned and at most once. :class:`CallbackReceiver` takes those deliveries, checks a
+secret carried in the URL, answers at once, and then hands the body to
+:meth:`NanoBananaClient.feed_callback` in the background, which by default confirms the
+task with one ``retrieve`` before it resolves any waiter. A wait on a task submitted
+with a callback is still polled, lazily, so a lost delivery costs latency, not a hang.
+
+With aiohttp::
+
+    receiver = CallbackReceiver(client)
+    receiver.add_route(app)  # POST /nanobanana/callback, closed on app shutdown
+    url = receiver.callback_url("https://my.host.example/nanobanana/callback")
+    submission = await client.generate("a cat", callback_url=url)
+    urls = await client.await_completion(submission)
+
+With any other framework (Starlette, FastAPI, Django, ...), read the body and the
+``nb_secret`` query parameter and answer with the status :meth:`CallbackReceiver.receive`
+returns::
+
+    body = await request.body()
+    secret = request.query_params.get(SECRET_PARAM)
+    return Response(status_code=await receiver.receive(body, secret=secret))
+
+API
+    ``CallbackReceiver(client, *, secret=None, verify=True, max_body_size=256 KiB,
+    max_concurrency=32, max_pending=4096)``; ``callback_url(public_url) -> str``;
+    ``await receive(body, *, secret) -> int``; ``await handle(request) -> web.Response``
+    (an aiohttp handler); ``add_route(app, path=DEFAULT_PATH)``; ``await drain()``;
+    ``await aclose(timeout=5.0)``; ``stats`` (a :class:`ReceiverStats`); ``pending``.
+
+Answers
+    200 accepted (also for duplicates, late deliveries and tasks nobody waits on, which
+    are then ignored), 400 malformed body, 401 wrong or missing secret (nothing else is
+    looked at), 413 body over ``max_body_size``, 503 closed or overloaded (polling will
+    pick the task up). The receiver never raises into the web framework.
+
+Operating notes
+    The secret is random per receiver unless you pass one; pass a stable one (from your
+    configuration) if callbacks must survive a restart or reach another replica. A task
+    whose callback reaches a process with no waiter for it is ignored there: the waiter
+    elsewhere finishes by polling. With ``verify``, a callback that arrives before its
+    wait starts is ignored too (the wait then ends by polling); without it, the record
+    is kept briefly for that wait. The secret travels in the URL's query string, so keep
+    query strings out of access logs (the ``examples/aiohttp_service.py`` access logger
+    shows how); the receiver itself never logs or shows it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import logging
+import secrets
+import time
+from typing import Any, Final
+
+import attrs
+from aiohttp import web
+from yarl import URL
+
+from . import _protocol
+from ._client import NanoBananaClient
+from ._errors import ClientClosedError, NanoBananaError
+
+__all__ = ["DEFAULT_PATH", "SECRET_PARAM", "CallbackReceiver", "ReceiverStats"]
+
+logger = logging.getLogger("nanobanana_async.webhooks")
+
+#: The query parameter that carries the receiver's secret in a callback URL.
+SECRET_PARAM: Final = "nb_secret"
+#: Where :meth:`CallbackReceiver.add_route` mounts the receiver by default.
+DEFAULT_PATH: Final = "/nanobanana/callback"
+
+_MIN_SECRET_LENGTH: Final = 16
+_REASONS: Final = {
+    200: "accepted",
+    400: "malformed callback body",
+    401: "wrong or missing secret",
+    413: "callback body too large",
+    500: "internal error",
+    503: "not accepting callbacks now",
+}
+
+
+@attrs.define
+class ReceiverStats:
+    """Counters of what a receiver did with the deliveries it got, for metrics and tests."""
+
+    accepted: int = 0
+    """Answered 200 and handed to the client in the background (duplicates excluded)."""
+    duplicates: int = 0
+    """Answered 200 and dropped: the same task's delivery was still being handled."""
+    resolved: int = 0
+    """Finished a waited-on task (with ``verify``: the service's record, not the body)."""
+    ignored: int = 0
+    """Handled without effect: nobody waits, already finished, or not confirmed done."""
+    failed: int = 0
+    """Could not be confirmed (the ``retrieve`` failed): polling carries on."""
+    unauthorized: int = 0
+    """Answered 401."""
+    malformed: int = 0
+    """Answered 400."""
+    too_large: int = 0
+    """Answered 413."""
+    rejected: int = 0
+    """Answered 503: the receiver was closed or had ``max_pending`` deliveries queued."""
+
+
+class CallbackReceiver:
+    """Takes callback deliveries for one client and resolves its waiters with them.
+
+    ``secret`` defaults to a fresh random one. With ``verify`` (the default) each
+    delivery for a waited-on task costs one ``retrieve`` and only the service's own
+    record resolves waiters; ``verify=False`` trusts the body (for a trusted network).
+    At most ``max_concurrency`` deliveries are handled at once and ``max_pending``
+    queued; beyond that deliveries get 503 and their tasks finish by polling.
+    """
+
+    def __init__(
+        self,
+        client: NanoBananaClient,
+        *,
+        secret: str | None = None,
+        verify: bool = True,
+        max_body_size: int = 256 * 1024,
+        max_concurrency: int = 32,
+        max_pending: int = 4096,
+    ) -> None:
+        if secret is None:
+            secret = secrets.token_urlsafe(32)
+        elif not isinstance(secret, str) or len(secret.strip()) < _MIN_SECRET_LENGTH:
+            # Never echo the value: it is the secret, even when it is a bad one.
+            raise ValueError(f"secret must be a string of at least {_MIN_SECRET_LENGTH} characters")
+        if max_body_size < 1 or max_concurrency < 1 or max_pending < 1:
+            raise ValueError("max_body_size, max_concurrency and max_pending must be positive")
+        self._client = client
+        self._secret = secret
+        self._secret_bytes = secret.encode()
+        self.verify = verify
+        self.max_body_size = max_body_size
+        self.max_pending = max_pending
+        self._limit = asyncio.Semaphore(max_concurrency)
+        self._active: dict[str, asyncio.Task[None]] = {}
+        self._closed = False
+        self.stats = ReceiverStats()
+
+    def __repr__(self) -> str:
+        state = "closed" if self._closed else "open"
+        return (
+            f"<CallbackReceiver verify={self.verify} secret=*** "
+            f"pending={len(self._active)} {state}>"
+        )
+
+    @property
+    def pending(self) -> int:
+        """How many accepted deliveries are still being handled."""
+        return len(self._active)
+
+    @property
+    def closed(self) -> bool:
+        """Whether :meth:`aclose` was called; a closed receiver answers 503."""
+        return self._closed
+
+    # --- building callback URLs ----------------------------------------------------
+
+    def callback_url(self, public_url: str) -> str:
+        """``public_url`` (where the service can reach the receiver) with the secret added.
+
+        Any query the URL already has is kept. Pass the result as ``callback_url`` to
+        ``generate``/``edit``.
+        """
+        url = URL(public_url)
+        if url.scheme not in ("http", "https") or not url.host:
+            raise ValueError("public_url must be an absolute http(s) URL")
+        return str(url.update_query({SECRET_PARAM: self._secret}))
+
+    def _secret_ok(self, given: str | None) -> bool:
+        if given is None:
+            return False
+        # Compared as bytes: compare_digest refuses non-ASCII str, and a forger picks
+        # whatever characters they like.
+        return hmac.compare_digest(given.encode("utf-8", "surrogatepass"), self._secret_bytes)
+
+    # --- receiving --------------------------------------------------------------------
+
+    async def receive(self, body: bytes | str, *, secret: str | None) -> int:
+        """Take one delivery from any web framework; returns the HTTP status to answer.
+
+        ``secret`` is the value of the URL's ``nb_secret`` query parameter (None when
+        absent). Answers at once: confirming and resolving happen in the background.
+        Never raises.
+        """
+        try:
+            if self._closed:
+                self.stats.rejected += 1
+                return 503
+            if not self._secret_ok(secret):
+                return self._unauthorized()
+            size = len(body.encode() if isinstance(body, str) else body)
+            if size > self.max_body_size:
+                self.stats.too_large += 1
+                return 413
+            return self._accept(body)
+        except Exception:
+            logger.exception("the callback receiver failed on a delivery")
+            return 500
+
+    async def handle(self, request: web.Request) -> web.Response:
+        """An aiohttp handler for callback deliveries: ``app.router.add_post(path, r.handle)``.
+
+        Checks the secret before reading anything, and reads at most ``max_body_size``
+        bytes of the body. Never raises.
+        """
+        try:
+            status = await self._handle(request)
+        except Exception:
+            logger.exception("the callback receiver failed on a delivery")
+            status = 500
+        return web.Response(status=status, text=_REASONS.get(status, ""))
+
+    async def _handle(self, request: web.Request) -> int:
+        if self._closed:
+            self.stats.rejected += 1
+            return 503
+        if not self._secret_ok(request.query.get(SECRET_PARAM)):
+            return self._unauthorized()
+        length = request.content_length
+        if length is not None and length > self.max_body_size:
+            self.stats.too_large += 1
+            return 413
+        chunks: list[bytes] = []
+        size = 0
+        try:
+            async for chunk in request.content.iter_any():
+                size += len(chunk)
+                if size > self.max_body_size:
+                    self.stats.too_large += 1
+                    return 413
+                chunks.append(chunk)
+        except Exception as exc:  # a broken or aborted upload: nobody is left to answer
+            logger.debug("callback body could not be read: %s", type(exc).__name__)
+            self.stats.malformed += 1
+            return 400
+        return self._accept(b"".join(chunks))
+
+    def add_route(self, app: web.Application, path: str = DEFAULT_PATH) -> web.AbstractRoute:
+        """Mount :meth:`handle` at ``POST path`` and close the receiver on app shutdown."""
+        route = app.router.add_post(path, self.handle)
+        app.on_shutdown.append(self._on_app_shutdown)
+        return route
+
+    async def _on_app_shutdown(self, app: web.Application) -> None:
+        await self.aclose()
+
+    def _unauthorized(self) -> int:
+        self.stats.unauthorized += 1
+        logger.info("a callback with a wrong or missing secret was refused")
+        return 401
+
+    def _accept(self, body: bytes | str) -> int:
+        """Parse and check the body now, handle it later; the status to answer."""
+        if self._closed:
+            self.stats.rejected += 1
+            return 503
+        try:
+            payload = json.loads(body)
+            if not isinstance(payload, dict):
+                raise ValueError("not a JSON object")
+            task_id = _protocol.task_from_callback(payload, received_at=time.time()).id
+        except (ValueError, RecursionError, NanoBananaError) as exc:
+            self.stats.malformed += 1
+            logger.debug("malformed callback body refused: %s", type(exc).__name__)
+            return 400
+        if task_id in self._active:
+            self.stats.duplicates += 1
+            return 200
+        if len(self._active) >= self.max_pending:
+            self.stats.rejected += 1
+            logger.warning(
+                "%d callbacks already queued: refusing one, polling will finish its task",
+                len(self._active),
+            )
+            return 503
+        task = asyncio.get_running_loop().create_task(
+            self._resolve(task_id, payload), name=f"nanobanana-async callback {task_id}"
+        )
+        self._active[task_id] = task
+        task.add_done_callback(lambda done: self._forget(task_id, done))
+        self.stats.accepted += 1
+        return 200
+
+    def _forget(self, task_id: str, task: asyncio.Task[None]) -> None:
+        if self._active.get(task_id) is task:
+            del self._active[task_id]
+
+    async def _resolve(self, task_id: str, payload: dict[str, Any]) -> None:
+        """Hand one accepted body to the client; every outcome is counted, none raised."""
+        try:
+            async with self._limit:
+                result = await self._client.feed_callback(payload, verify=self.verify)
+        except ClientClosedError:
+            self.stats.ignored += 1
+        except NanoBananaError as exc:
+            self.stats.failed += 1
+            logger.warning(
+                "could not confirm the callback for task %r, polling carries on: %s",
+                task_id,
+                exc,
+            )
+        except Exception:
+            self.stats.failed += 1
+            logger.exception("handling the callback for task %r failed", task_id)
+        else:
+            if result is None:
+                self.stats.ignored += 1
+            else:
+                self.stats.resolved += 1
+                logger.debug("callback finished task %r", task_id)
+
+    # --- lifecycle --------------------------------------------------------------------
+
+    async def drain(self) -> None:
+        """Wait until every delivery accepted so far has been handled."""
+        while self._active:
+            await asyncio.wait(list(self._active.values()))
+
+    async def aclose(self, timeout: float = 5.0) -> None:
+        """Refuse new deliveries (503), give those in hand ``timeout`` s, cancel the rest.
+
+        Call it before closing the client. Safe to call twice; never raises.
+        """
+        self._closed = True
+        pending = list(self._active.values())
+        if not pending:
+            return
+        _, late = await asyncio.wait(pending, timeout=timeout)
+        for task in late:
+            task.cancel()
+        if late:
+            await asyncio.wait(late)
