@@ -185,7 +185,14 @@ class NanoBananaClient:
             headers=self._headers,
             timeout=self._timeout,
         )
-        logger.debug("POST %s %s -> %d", path, body.get("action"), response.status)
+        if logger.isEnabledFor(logging.DEBUG):  # reading the trace id costs a parse
+            logger.debug(
+                "POST %s %s -> %d trace_id=%s",
+                path,
+                body.get("action"),
+                response.status,
+                _protocol.trace_id_of(response),
+            )
         # Only error statuses are judged here, inside the retries; a 2xx body is parsed
         # once, by the caller's parse step.
         _protocol.raise_for_status(response)

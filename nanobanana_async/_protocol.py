@@ -49,6 +49,7 @@ __all__ = [
     "parse_task_batch",
     "raise_for_status",
     "task_from_callback",
+    "trace_id_of",
 ]
 
 IMAGES_PATH: Final = "/nano-banana/images"
@@ -283,6 +284,13 @@ def raise_for_status(response: RawResponse) -> None:
         error = _error_in(response, _json_or_none(response.body))
         assert error is not None  # every non-2xx status maps to an error
         raise error
+
+
+def trace_id_of(response: RawResponse) -> str | None:
+    """The ``trace_id`` an answer carries, for logs; None if it has none."""
+    payload = _json_or_none(response.body)
+    trace_id = payload.get("trace_id") if isinstance(payload, dict) else None
+    return trace_id if isinstance(trace_id, str) else None
 
 
 def _json_or_none(body: bytes) -> Any:

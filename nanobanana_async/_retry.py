@@ -86,7 +86,7 @@ def is_retryable_submission(exc: Exception) -> bool:
 
 def _log_retry(details: Any) -> None:
     logger.debug(
-        "retrying after %s (attempt %d, waiting %.2f s)",
+        "retrying after %s (attempt %d failed, next in %.2f s)",
         details["exception"],
         details["tries"],
         details["wait"],

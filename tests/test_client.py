@@ -334,7 +334,14 @@ async def test_token_never_logged_or_shown(
     assert caplog.records, "debug logging should say something"
     for record in caplog.records:
         assert secret not in record.getMessage()
-    assert any(submission.task_id in record.getMessage() for record in caplog.records)
+    messages = [record.getMessage() for record in caplog.records]
+    assert any(submission.task_id in message for message in messages)
+    assert any(
+        "/nano-banana/tasks retrieve -> 200" in message
+        and f"trace_id={server.tasks[submission.task_id].trace_id}" in message
+        for message in messages
+    )
+    assert any("retrying after HTTP 500" in message for message in messages)
 
 
 async def test_borrowed_session_is_not_closed(server: FakeNanoBanana) -> None:
