@@ -94,13 +94,13 @@ class NanoBananaClient:
 
         self._token = token.strip()
         self._base_url = str(url).rstrip("/")
-        self._api_origin = url.origin()
         self._headers: Final = {
             "authorization": f"Bearer {self._token}",
             "accept": "application/json",
             "content-type": "application/json",
             "user-agent": f"nanobanana-async/{__version__}",
         }
+        self._endpoints: dict[str, URL] = {}
         self._timeout = aiohttp.ClientTimeout(total=timeout, sock_connect=min(timeout, 10.0))
         self._session = session
         self._owns_session = session is None
@@ -176,11 +176,18 @@ class NanoBananaClient:
 
     # --- the request primitive --------------------------------------------------------
 
+    def _endpoint(self, path: str) -> URL:
+        # Parsed once per path: aiohttp would parse a URL string on every request.
+        url = self._endpoints.get(path)
+        if url is None:
+            url = self._endpoints[path] = URL(self._base_url + path)
+        return url
+
     async def _post(self, path: str, body: dict[str, Any]) -> _protocol.RawResponse:
         """One attempt: send, read, and raise the error the answer stands for."""
         response = await _transport.post(
             self._get_session(),
-            self._base_url + path,
+            self._endpoint(path),
             json.dumps(body).encode(),
             headers=self._headers,
             timeout=self._timeout,

@@ -15,12 +15,12 @@ from yarl import URL
 from ._errors import APIConnectionError, APITimeoutError
 from ._protocol import RawResponse
 
-__all__ = ["network_error", "origin", "post"]
+__all__ = ["network_error", "post"]
 
 
 async def post(
     session: aiohttp.ClientSession,
-    url: str,
+    url: URL,
     body: bytes,
     *,
     headers: Mapping[str, str],
@@ -33,7 +33,7 @@ async def post(
         ) as response:
             return RawResponse(response.status, response.headers, await response.read())
     except (aiohttp.ClientError, TimeoutError) as exc:
-        raise network_error(exc, origin(url), timeout.total) from exc
+        raise network_error(exc, str(url.origin()), timeout.total) from exc
 
 
 def network_error(
@@ -54,9 +54,3 @@ def network_error(
         within = f" within {timeout:g} s" if timeout else ""
         return APITimeoutError(f"no answer from {where}{within}")
     return APIConnectionError(f"connection to {where} failed: {type(exc).__name__}: {exc}")
-
-
-def origin(url: str) -> str:
-    """scheme://host[:port] of a URL, for messages (never a query or a path)."""
-    parsed = URL(url)
-    return str(parsed.origin()) if parsed.is_absolute() else url
