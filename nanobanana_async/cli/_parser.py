@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable
 
 from .. import __version__
 from .._client import BASE_URL_ENV, TOKEN_ENV
@@ -16,34 +17,26 @@ _EPILOG = (_PACKAGE_DOC or "").split("\n\n", 1)[-1]
 _RATIOS = sorted(ASPECT_RATIOS, key=lambda r: (int(r.split(":")[0]), int(r.split(":")[1])))
 
 
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be positive, got {text}")
-    return value
+def _number(
+    kind: type[float] | type[int], ok: Callable[[float], bool], rule: str
+) -> Callable[[str], float]:
+    """An argparse ``type`` that reads a number of ``kind`` and checks it with ``ok``."""
+
+    def read(text: str) -> float:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+        if not ok(value):
+            raise argparse.ArgumentTypeError(f"{rule}, got {text}")
+        return value
+
+    return read
 
 
-def _fraction(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if not 0.0 <= value <= 1.0:
-        raise argparse.ArgumentTypeError(f"must be from 0 to 1, got {text}")
-    return value
-
-
-def _port(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a port number: {text!r}") from None
-    if not 0 <= value <= 65535:
-        raise argparse.ArgumentTypeError(f"must be from 0 to 65535, got {text}")
-    return value
+_positive_float = _number(float, lambda value: value > 0, "must be positive")
+_fraction = _number(float, lambda value: 0.0 <= value <= 1.0, "must be from 0 to 1")
+_port = _number(int, lambda value: 0 <= value <= 65535, "must be from 0 to 65535")
 
 
 def _add_debug(parser: argparse.ArgumentParser, *, default: object) -> None:
