@@ -9,16 +9,21 @@ import pytest
 from conftest import load_fixture
 
 from nanobanana_async import (
+    APIConnectionError,
     APIError,
+    APITimeoutError,
     AuthenticationError,
     BadRequestError,
+    DownloadError,
     NotFoundError,
     PermissionDeniedError,
     RateLimitError,
     ResponseDecodeError,
     ServerError,
+    TaskFailedError,
     TaskNotFoundError,
     TaskState,
+    TaskTimeoutError,
 )
 from nanobanana_async._protocol import (
     RawResponse,
@@ -352,3 +357,30 @@ def test_malformed_callbacks(body: bytes) -> None:
     with pytest.raises(ResponseDecodeError) as info:
         task_from_callback(body, received_at=0.0)
     assert info.value.status == 0
+
+
+# --- errors survive pickling (multiprocessing, task queues) ---------------------------------
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        BadRequestError("model is invalid.", status=400, code="bad_request", trace_id="t"),
+        RateLimitError("slow down", code="too_many_requests", retry_after=3.0),
+        ServerError("502 Bad Gateway", status=502),
+        ResponseDecodeError("not JSON", status=200, body_excerpt="<html>"),
+        TaskNotFoundError("abc"),
+        APIConnectionError("refused", request_sent=False),
+        APITimeoutError("no answer"),
+        DownloadError("HTTP 404", url="https://cdn/x.png", status=404),
+        TaskFailedError(parse_task(answer(load_fixture("task_failed_response.json")), "x")),
+        TaskTimeoutError("abc", parse_task(answer(load_fixture("task_pending_ack.json")), "x")),
+    ],
+)
+def test_errors_pickle(error: Exception) -> None:
+    import pickle
+
+    copy = pickle.loads(pickle.dumps(error))
+    assert type(copy) is type(error)
+    assert str(copy) == str(error)
+    assert vars(copy) == vars(error)

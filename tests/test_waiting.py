@@ -387,3 +387,20 @@ async def test_premature_callback_makes_a_lazy_wait_poll_eagerly(
         server.finish(task_id)
         task = await waiter
     assert task.image_urls == server.tasks[task_id].image_urls
+
+
+async def test_a_429_pauses_the_whole_loop_for_retry_after(
+    make_client: MakeClient, server: FakeNanoBanana
+) -> None:
+    ids = [server.add_task(duration=0.05) for _ in range(3)]
+    server.inject("rate_limit", retry_after="0.4", action="retrieve_batch")
+    # (RetryPolicy.no_wait() would ignore Retry-After, to keep other tests fast.)
+    policy = RetryPolicy(max_retries=0, initial_wait=0, max_wait=0, jitter=False)
+    async with make_client(retry=policy) as client:
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        await asyncio.gather(*(client.wait(task_id, timeout=5) for task_id in ids))
+        waited = loop.time() - started
+    # A lower bound only: no poll went out again before the service's hint ran out.
+    assert waited >= 0.4
+    assert server.counts["retrieve_batch"] == 2  # the refused round, then one that read all
