@@ -16,6 +16,7 @@ import aiohttp
 from yarl import URL
 
 from . import _download, _protocol, _transport
+from ._concurrency import gather_or_cancel
 from ._errors import (
     APIConnectionError,
     ClientClosedError,
@@ -284,7 +285,7 @@ class NanoBananaClient:
         """Read many records, ``batch_size`` ids per request; unknown ids are absent."""
         ids = _protocol.check_task_ids(task_ids)
         chunks = [ids[i : i + self.batch_size] for i in range(0, len(ids), self.batch_size)]
-        batches = await asyncio.gather(*(self._retrieve_chunk(chunk) for chunk in chunks))
+        batches = await gather_or_cancel(self._retrieve_chunk(chunk) for chunk in chunks)
         items = [task for batch in batches for task in batch.items]
         return TaskBatch(items=items, count=len(items))
 

@@ -23,6 +23,7 @@ from typing import Final
 import aiohttp
 from yarl import URL
 
+from ._concurrency import gather_or_cancel
 from ._errors import APIConnectionError, DownloadError, NanoBananaError
 from ._retry import RetryPolicy, retrying
 from ._transport import network_error
@@ -100,14 +101,7 @@ async def download_all(
             return await _fetch(session, url, directory, stem, policy=policy, timeout=timeout)
 
     stems = _unique_stems(urls)
-    jobs = [asyncio.ensure_future(one(url, stem)) for url, stem in zip(urls, stems, strict=True)]
-    try:
-        return list(await asyncio.gather(*jobs))
-    except BaseException:
-        for job in jobs:
-            job.cancel()
-        await asyncio.gather(*jobs, return_exceptions=True)
-        raise
+    return await gather_or_cancel(one(url, stem) for url, stem in zip(urls, stems, strict=True))
 
 
 async def _fetch(

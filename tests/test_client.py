@@ -102,6 +102,21 @@ async def test_retrieve_batch_splits_and_merges(
     assert sorted(server.batch_sizes) == [2, 3, 3]
 
 
+async def test_retrieve_batch_failure_leaves_no_request_running(
+    make_client: MakeClient, server: FakeNanoBanana
+) -> None:
+    ids = [server.add_task() for _ in range(3)]
+    server.inject("slow", delay=2.0, action="retrieve_batch")
+    server.inject("error", status=401, action="retrieve_batch")
+    async with make_client(batch_size=1) as client:
+        with pytest.raises(AuthenticationError):
+            await client.retrieve_batch(ids)
+        running = [
+            task for task in asyncio.all_tasks() if "_retrieve_chunk" in repr(task.get_coro())
+        ]
+        assert not running  # the slow chunk was cancelled, not left behind
+
+
 # --- errors over HTTP ---------------------------------------------------------------------
 
 
