@@ -107,8 +107,8 @@ class NanoBananaClient:
         self._owns_session = session is None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._closed = False
-        self.batch_size = batch_size
-        self.retry_policy = retry
+        self._batch_size = batch_size
+        self._retry = retry
         self._read = retrying(self._post, retry, is_retryable_read)
         self._submit = retrying(self._post, retry, is_retryable_submission)
         self._poller = Poller(
@@ -130,6 +130,16 @@ class NanoBananaClient:
     def base_url(self) -> str:
         """The API's base URL, without a trailing slash."""
         return self._base_url
+
+    @property
+    def batch_size(self) -> int:
+        """Task ids per ``retrieve_batch`` request."""
+        return self._batch_size
+
+    @property
+    def retry_policy(self) -> RetryPolicy:
+        """How failed requests are retried (fixed at construction)."""
+        return self._retry
 
     # --- lifecycle ------------------------------------------------------------------
 
@@ -284,7 +294,8 @@ class NanoBananaClient:
     async def retrieve_batch(self, task_ids: Iterable[str]) -> TaskBatch:
         """Read many records, ``batch_size`` ids per request; unknown ids are absent."""
         ids = _protocol.check_task_ids(task_ids)
-        chunks = [ids[i : i + self.batch_size] for i in range(0, len(ids), self.batch_size)]
+        size = self._batch_size
+        chunks = [ids[i : i + size] for i in range(0, len(ids), size)]
         batches = await gather_or_cancel(self._retrieve_chunk(chunk) for chunk in chunks)
         items = [task for batch in batches for task in batch.items]
         return TaskBatch(items=items, count=len(items))
@@ -339,7 +350,7 @@ class NanoBananaClient:
         failures, and sent without our Authorization header: images live on other hosts.
         """
         return await _download.download(
-            self._get_session(), url, dest, policy=self.retry_policy, timeout=self._timeout
+            self._get_session(), url, dest, policy=self._retry, timeout=self._timeout
         )
 
     async def download_all(
@@ -363,7 +374,7 @@ class NanoBananaClient:
             urls,
             folder,
             concurrency=concurrency,
-            policy=self.retry_policy,
+            policy=self._retry,
             timeout=self._timeout,
         )
 
