@@ -33,7 +33,7 @@ from collections.abc import Sequence
 from _common import RemoteFake, fmt_ratio, median, print_table, verdict
 
 from nanobanana_async import NanoBananaClient, ResponseDecodeError, Task, TaskResponse
-from nanobanana_async._poller import Poller
+from nanobanana_async._poller import Poller, Target
 
 BYTES_TARGET = 3 * 1024
 LEFT_TARGET = 256  # bytes per waiter still allocated after every waiter was cancelled
@@ -225,7 +225,8 @@ async def round_cpu(watched: int, due: int, rounds: int) -> float:
     )
     ids = list(records)
     waiters = [
-        asyncio.create_task(poller.wait(i, timeout=600, lazy=n >= due)) for n, i in enumerate(ids)
+        asyncio.create_task(poller.wait(Target(i, lazy=n >= due), timeout=600))
+        for n, i in enumerate(ids)
     ]
     requests_per_round = -(-due // BATCH)
     try:

@@ -27,7 +27,7 @@ from ._errors import (
     TaskNotFoundError,
 )
 from ._models import Submission, Task, TaskBatch
-from ._poller import OnUpdate, Poller
+from ._poller import OnUpdate, Poller, Target
 from ._retry import RetryPolicy, is_retryable_read, is_retryable_submission, retrying
 from ._version import __version__
 
@@ -393,15 +393,8 @@ class NanoBananaClient:
         last record seen. ``on_update`` (a function or coroutine function) is called
         with the record each time it changes, at least once with the finished one.
         """
-        task_id, lazy = _task_ref(task)
-        if isinstance(task, Task) and task.done:
-            if on_update is not None:
-                result = on_update(task)
-                if asyncio.iscoroutine(result):
-                    await result
-            return task
         self._get_session()  # fail fast when closed or in the wrong loop
-        return await self._poller.wait(task_id, timeout=timeout, on_update=on_update, lazy=lazy)
+        return await self._poller.wait(_target(task), timeout=timeout, on_update=on_update)
 
     async def await_completion(
         self,
@@ -425,22 +418,19 @@ class NanoBananaClient:
         pending and stops waiting on the rest. Leaving the loop early ends the waits
         (at once with ``contextlib.aclosing``, else when the iterator is collected).
         """
-        refs = [_task_ref(task) for task in tasks]
+        targets = [_target(task) for task in tasks]
         self._get_session()
-        return self._poller.as_completed(
-            [task_id for task_id, _ in refs],
-            timeout=timeout,
-            lazy=[task_id for task_id, lazy in refs if lazy],
-        )
+        return self._poller.as_completed(targets, timeout=timeout)
 
 
-def _task_ref(task: TaskRef) -> tuple[str, bool]:
-    """(task id, whether a callback will announce it) for anything naming a task."""
+def _target(task: TaskRef) -> Target:
+    """What the poller needs to know of anything naming a task."""
     if isinstance(task, Submission):
-        return _protocol.check_task_id(task.task_id), task.callback_url is not None
+        # A callback will announce it: poll it lazily.
+        return Target(_protocol.check_task_id(task.task_id), lazy=task.callback_url is not None)
     if isinstance(task, Task):
-        return _protocol.check_task_id(task.id), False
-    return _protocol.check_task_id(task), False
+        return Target(_protocol.check_task_id(task.id), known=task)
+    return Target(_protocol.check_task_id(task))
 
 
 def _may_have_created_task(exc: NanoBananaError) -> bool:

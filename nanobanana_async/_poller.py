@@ -23,7 +23,7 @@ import logging
 import random
 from collections import OrderedDict
 from collections.abc import AsyncGenerator, Awaitable, Callable, Generator, Iterable
-from typing import Any, TypeVar
+from typing import Any, NamedTuple, TypeVar
 
 import backoff
 
@@ -41,7 +41,7 @@ from ._errors import (
 )
 from ._models import Task
 
-__all__ = ["FetchBatch", "OnUpdate", "Poller"]
+__all__ = ["FetchBatch", "OnUpdate", "Poller", "Target", "call_on_update"]
 
 logger = logging.getLogger("nanobanana_async")
 
@@ -51,6 +51,15 @@ FetchBatch = Callable[
 ]
 #: Called with a task's record each time it changes; may be a coroutine function.
 OnUpdate = Callable[[Task], Any]
+
+
+class Target(NamedTuple):
+    """What a wait is on: a task id, whether a callback will announce it (poll it
+    lazily), and the finished record if the caller already holds one (poll nothing)."""
+
+    task_id: str
+    lazy: bool = False
+    known: Task | None = None
 
 # Errors that no retry can mend: every waiter fails with them at once.
 _FATAL = (AuthenticationError, PermissionDeniedError, NotFoundError, BadRequestError)
@@ -203,28 +212,26 @@ class Poller:
     # --- waiters --------------------------------------------------------------------
 
     async def wait(
-        self,
-        task_id: str,
-        *,
-        timeout: float | None,
-        on_update: OnUpdate | None = None,
-        lazy: bool = False,
+        self, target: Target, *, timeout: float | None, on_update: OnUpdate | None = None
     ) -> Task:
-        """The finished record of ``task_id``; raises TaskTimeoutError at the deadline."""
+        """The finished record of the target task; raises TaskTimeoutError at the deadline."""
         loop = asyncio.get_running_loop()
         deadline = None if timeout is None else loop.time() + timeout
-        entry = self._acquire(task_id, lazy=lazy)
+        entry = self._acquire(target)
         seen = 0
         try:
             while True:
                 if on_update is not None and entry.version > seen and entry.last is not None:
                     seen = entry.version
-                    await _call(on_update, entry.last, deadline)
+                    try:
+                        await call_on_update(on_update, entry.last, deadline)
+                    except TimeoutError:  # on_update outlived the deadline
+                        raise TaskTimeoutError(entry.task_id, entry.last, timeout=timeout) from None
                     continue  # the record may have changed again meanwhile
                 if entry.outcome is not None:
                     return _result(entry)
                 if deadline is not None and loop.time() >= deadline:
-                    raise TaskTimeoutError(task_id, entry.last, timeout=timeout)
+                    raise TaskTimeoutError(entry.task_id, entry.last, timeout=timeout)
                 change = entry.next_change(loop)
                 alarm = None if deadline is None else loop.call_at(deadline, _expire, change)
                 try:
@@ -234,23 +241,17 @@ class Poller:
                         alarm.cancel()
                     if change.cancelled():
                         entry.drop(change)
-        except TimeoutError as exc:
-            if isinstance(exc, NanoBananaError):
-                raise
-            # on_update outlived the deadline
-            raise TaskTimeoutError(task_id, entry.last, timeout=timeout) from None
         finally:
             await self._release(entry)
 
     async def as_completed(
-        self, task_ids: Iterable[str], *, timeout: float | None, lazy: Iterable[str] = ()
+        self, targets: Iterable[Target], *, timeout: float | None
     ) -> AsyncGenerator[Task, None]:
         """Yield each task's finished record once, in the order they finish."""
-        lazy_ids = set(lazy)
-        entries = {
-            task_id: self._acquire(task_id, lazy=task_id in lazy_ids)
-            for task_id in dict.fromkeys(task_ids)
-        }
+        entries: dict[str, _Entry] = {}
+        for target in targets:
+            if target.task_id not in entries:
+                entries[target.task_id] = self._acquire(target)
         finished: asyncio.Queue[_Entry] = asyncio.Queue()
         for entry in entries.values():
             if entry.outcome is not None:
@@ -289,8 +290,8 @@ class Poller:
             if remember and task.done:
                 _remember(self._recent, task.id, task)
             return False
-        entry.update(task)
         if not task.done:
+            entry.update(task)
             return False
         self._finish(entry, task)
         return True
@@ -322,21 +323,24 @@ class Poller:
 
     # --- bookkeeping ----------------------------------------------------------------
 
-    def _acquire(self, task_id: str, *, lazy: bool) -> _Entry:
+    def _acquire(self, target: Target) -> _Entry:
         if self._closed:
             raise ClientClosedError("the client is closed")
         loop = asyncio.get_running_loop()
+        task_id, lazy, known = target
         entry = self._entries.get(task_id)
         if entry is None:
             if task_id in self._announced:
                 del self._announced[task_id]
                 lazy = False
             entry = _Entry(task_id, lazy)
-            early = self._recent.pop(task_id, None)
-            if early is not None:
+            # A finished record already in hand (the caller's, or a callback's): no polling.
+            finished = known if known is not None and known.done else None
+            finished = self._recent.pop(task_id, None) or finished
+            if finished is not None:
                 entry.refs += 1
-                entry.update(early)
-                entry.settle(early)
+                entry.update(finished)
+                entry.settle(finished)
                 return entry
             self._entries[task_id] = entry
             self._schedule(entry, loop.time())
@@ -544,7 +548,9 @@ def _schedule_of(waits: Generator[float, Any, None], cap: float) -> list[float]:
     return schedule
 
 
-async def _call(on_update: OnUpdate, task: Task, deadline: float | None) -> None:
+async def call_on_update(
+    on_update: OnUpdate, task: Task, deadline: float | None = None
+) -> None:
     """Call ``on_update`` with ``task``, awaiting it (within the deadline) if async."""
     result = on_update(task)
     if inspect.isawaitable(result):

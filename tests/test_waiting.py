@@ -47,12 +47,20 @@ async def test_wait_accepts_a_submission(client: NanoBananaClient, server: FakeN
     assert task.id == submission.task_id
 
 
-async def test_wait_on_a_finished_record_makes_no_request(
+async def test_a_finished_record_in_hand_makes_no_request(
     client: NanoBananaClient, server: FakeNanoBanana
 ) -> None:
     task = await client.retrieve(server.add_task())
     server.reset_counts()
-    assert await client.wait(task, timeout=1) is task
+    seen: list[Task] = []
+
+    async def record(update: Task) -> None:
+        await asyncio.sleep(0)
+        seen.append(update)
+
+    assert await client.wait(task, timeout=1, on_update=record) is task
+    assert seen == [task]
+    assert [found async for found in client.as_completed([task], timeout=1)] == [task]
     assert sum(server.counts.values()) == 0
 
 
@@ -99,8 +107,10 @@ async def test_on_update_can_be_a_coroutine_function(
         states.append(task.state)
 
     await client.wait(server.add_task(duration=0.2), timeout=5, on_update=record)
+    # Each call was awaited (the append comes after an await), the last one with the
+    # finished record, and that one only once.
     assert states[-1] is TaskState.SUCCEEDED
-    assert len(states) == len(set(states)) or states.count(TaskState.SUCCEEDED) == 1
+    assert states.count(TaskState.SUCCEEDED) == 1
 
 
 async def test_timeout_raises_with_the_last_record(
