@@ -253,13 +253,15 @@ def error_for(response: RawResponse) -> APIError | None:
 
 def _error_in(response: RawResponse, payload: Any) -> APIError | None:
     status = response.status
-    if 200 <= status < 300:
-        if not (isinstance(payload, dict) and payload.get("success") is False):
-            return None
-        if "error" not in payload:
-            return None
+    success_status = 200 <= status < 300
+    # A 2xx is an error only when its body says so (checked first: this runs on every
+    # successful answer); its error code then picks the class.
+    if success_status and not (
+        isinstance(payload, dict) and payload.get("success") is False and "error" in payload
+    ):
+        return None
     code, message, trace_id = _error_fields(payload)
-    if 200 <= status < 300:
+    if success_status:
         status = _CODE_STATUS.get(code or "", 500)
     if message is None:
         if payload is None and response.body:
