@@ -26,7 +26,7 @@ from ._errors import (
     TaskFailedError,
     TaskNotFoundError,
 )
-from ._models import Submission, Task, TaskBatch
+from ._models import Submission, Task, TaskBatch, TaskState
 from ._poller import OnUpdate, Poller, Target
 from ._retry import RetryPolicy, is_retryable_read, is_retryable_submission, retrying
 from ._version import __version__
@@ -71,7 +71,7 @@ class NanoBananaClient:
         token = token if token is not None else os.environ.get(TOKEN_ENV)
         if not token or not token.strip():
             raise NanoBananaError(
-                f"no API token: pass token=... or set the {TOKEN_ENV} environment variable"
+                f"no API token: pass one, or set the {TOKEN_ENV} environment variable"
             )
         base = base_url or os.environ.get(BASE_URL_ENV) or DEFAULT_BASE_URL
         url = URL(base)
@@ -362,7 +362,7 @@ class NanoBananaClient:
     ) -> list[Path]:
         """Download every image of a finished task (or every URL given) into ``folder``."""
         if isinstance(task_or_urls, Task):
-            if task_or_urls.failure is not None or not task_or_urls.done:
+            if task_or_urls.state is not TaskState.SUCCEEDED:
                 raise ValueError(f"task {task_or_urls.id!r} has no images to download")
             urls = task_or_urls.image_urls
         elif isinstance(task_or_urls, str):

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
 import shlex
 import signal
 import tempfile
@@ -19,7 +18,8 @@ from typing import Final
 
 import attrs
 
-from .._client import TOKEN_ENV, NanoBananaClient
+from .._client import NanoBananaClient
+from .._concurrency import gather_or_cancel
 from .._errors import NanoBananaError, TaskNotFoundError, TaskTimeoutError
 from .._models import Task
 from ..testing import FakeNanoBanana
@@ -108,19 +108,17 @@ def command_for(args: argparse.Namespace) -> Command:
 
 
 def _client(args: argparse.Namespace) -> NanoBananaClient:
-    token = args.token or os.environ.get(TOKEN_ENV)
-    if not token or not token.strip():
-        raise NanoBananaError(
-            f"no API token: pass --token or set {TOKEN_ENV} "
-            "(or try 'nanobanana demo', which needs none)"
-        )
     interval: float = args.poll_interval
-    return NanoBananaClient(
-        token,
-        base_url=args.base_url,
-        poll_interval=interval,
-        max_poll_interval=max(interval, 5.0),
-    )
+    try:
+        return NanoBananaClient(
+            args.token,  # None: the client reads ACEDATACLOUD_API_TOKEN and says so if unset
+            base_url=args.base_url,
+            poll_interval=interval,
+            max_poll_interval=max(interval, 5.0),
+        )
+    except NanoBananaError as exc:
+        exc.add_note("(pass --token, or try 'nanobanana demo', which needs none)")
+        raise
 
 
 # --- generate / edit ------------------------------------------------------------------
@@ -281,11 +279,9 @@ async def demo(ctx: Context) -> int:
         async with NanoBananaClient(
             server.token, base_url=server.base_url, poll_interval=0.2, max_poll_interval=0.5
         ) as client:
-            submissions = await asyncio.gather(
-                *(
-                    client.generate(prompt, count=count, aspect_ratio=ratio)
-                    for prompt, count, ratio in _DEMO_PROMPTS
-                )
+            submissions = await gather_or_cancel(
+                client.generate(prompt, count=count, aspect_ratio=ratio)
+                for prompt, count, ratio in _DEMO_PROMPTS
             )
             output.note(
                 f"Submitted {len(submissions)} tasks; one shared poll loop reads them all "
