@@ -326,6 +326,10 @@ class NanoBananaClient:
         claimed = _protocol.task_from_callback(
             dict(body) if isinstance(body, Mapping) else body, received_at=time.time()
         )
+        return await self._feed_claim(claimed, verify=verify)
+
+    async def _feed_claim(self, claimed: Task, *, verify: bool) -> Task | None:
+        """feed_callback for a body already parsed (the webhook receiver parses it first)."""
         if not verify:
             return claimed if self._poller.feed(claimed, remember=True) else None
         if not self._poller.watching(claimed.id):

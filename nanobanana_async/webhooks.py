@@ -51,11 +51,10 @@ from __future__ import annotations
 
 import asyncio
 import hmac
-import json
 import logging
 import secrets
 import time
-from typing import Any, Final
+from typing import Final
 
 import attrs
 from aiohttp import web
@@ -64,6 +63,7 @@ from yarl import URL
 from . import _protocol
 from ._client import NanoBananaClient
 from ._errors import ClientClosedError, NanoBananaError
+from ._models import Task
 
 __all__ = ["DEFAULT_PATH", "SECRET_PARAM", "CallbackReceiver", "ReceiverStats"]
 
@@ -266,14 +266,12 @@ class CallbackReceiver:
             self.stats.rejected += 1
             return 503
         try:
-            payload = json.loads(body)
-            if not isinstance(payload, dict):
-                raise ValueError("not a JSON object")
-            task_id = _protocol.task_from_callback(payload, received_at=time.time()).id
-        except (ValueError, RecursionError, NanoBananaError) as exc:
+            claim = _protocol.task_from_callback(body, received_at=time.time())
+        except (RecursionError, NanoBananaError) as exc:
             self.stats.malformed += 1
             logger.debug("malformed callback body refused: %s", type(exc).__name__)
             return 400
+        task_id = claim.id
         if task_id in self._active:
             self.stats.duplicates += 1
             return 200
@@ -285,7 +283,7 @@ class CallbackReceiver:
             )
             return 503
         task = asyncio.get_running_loop().create_task(
-            self._resolve(task_id, payload), name=f"nanobanana-async callback {task_id}"
+            self._resolve(claim), name=f"nanobanana-async callback {task_id}"
         )
         self._active[task_id] = task
         task.add_done_callback(lambda done: self._forget(task_id, done))
@@ -296,11 +294,13 @@ class CallbackReceiver:
         if self._active.get(task_id) is task:
             del self._active[task_id]
 
-    async def _resolve(self, task_id: str, payload: dict[str, Any]) -> None:
+    async def _resolve(self, claim: Task) -> None:
         """Hand one accepted body to the client; every outcome is counted, none raised."""
+        task_id = claim.id
         try:
             async with self._limit:
-                result = await self._client.feed_callback(payload, verify=self.verify)
+                # Parsed once, in _accept: hand the claim on rather than the body.
+                result = await self._client._feed_claim(claim, verify=self.verify)
         except ClientClosedError:
             self.stats.ignored += 1
         except NanoBananaError as exc:
