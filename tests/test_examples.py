@@ -87,6 +87,22 @@ def script_env(server: FakeNanoBanana) -> dict[str, str]:
     return env
 
 
+async def run_example(server: FakeNanoBanana, script: str, *args: str) -> bytes:
+    """Run an example as its own process against ``server``; its stdout, once it exited 0."""
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        str(EXAMPLES / script),
+        *args,
+        env=script_env(server),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    async with asyncio.timeout(WAIT):
+        stdout, stderr = await process.communicate()
+    assert process.returncode == 0, stderr.decode()
+    return stdout
+
+
 # --------------------------------------------------------------------------- aiohttp service
 
 
@@ -254,21 +270,9 @@ async def test_batch_script_refuses_a_changed_prompts_file(
 async def test_batch_script_as_a_script(server: FakeNanoBanana, tmp_path: Path) -> None:
     prompts_file = write_prompts(tmp_path / "prompts.txt", ["a cat", "a dog", "a bird"])
     out = tmp_path / "results.jsonl"
-    process = await asyncio.create_subprocess_exec(
-        sys.executable,
-        str(EXAMPLES / "batch_script.py"),
-        str(prompts_file),
-        "--out",
-        str(out),
-        "--max-in-flight",
-        "2",
-        env=script_env(server),
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
+    stdout = await run_example(
+        server, "batch_script.py", str(prompts_file), "--out", str(out), "--max-in-flight", "2"
     )
-    async with asyncio.timeout(WAIT):
-        stdout, stderr = await process.communicate()
-    assert process.returncode == 0, stderr.decode()
     summary = json.loads(stdout.decode().splitlines()[-1])
     assert summary["succeeded"] == 3
     assert summary["pending"] == 0
@@ -340,19 +344,7 @@ async def test_chat_bot_limits_each_user_and_times_out() -> None:
 
 
 async def test_chat_bot_console_mode(server: FakeNanoBanana) -> None:
-    process = await asyncio.create_subprocess_exec(
-        sys.executable,
-        str(EXAMPLES / "chat_bot.py"),
-        "ann: a cat",
-        "ann: a dog",
-        "bob: a bird",
-        env=script_env(server),
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
-    async with asyncio.timeout(WAIT):
-        stdout, stderr = await process.communicate()
-    assert process.returncode == 0, stderr.decode()
+    stdout = await run_example(server, "chat_bot.py", "ann: a cat", "ann: a dog", "bob: a bird")
     text = stdout.decode()
     assert text.count("Working on it") == 2
     assert text.count("You already have 1 image") == 1
