@@ -3,19 +3,21 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import logging
 import os
 import time
-from collections.abc import AsyncGenerator, Iterable, Mapping, Sequence
+from collections.abc import AsyncGenerator, Awaitable, Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Final
+from typing import Any, Final, TypeVar, cast
 
 import aiohttp
 from yarl import URL
 
 from . import _download, _protocol, _transport
+from ._checks import check_count, check_number
 from ._concurrency import gather_or_cancel
 from ._errors import (
     APIConnectionError,
@@ -39,8 +41,17 @@ DEFAULT_BASE_URL: Final = "https://api.acedata.cloud"
 TOKEN_ENV: Final = "ACEDATACLOUD_API_TOKEN"
 BASE_URL_ENV: Final = "ACEDATACLOUD_API_BASE_URL"
 
+#: The largest API answer read by default, after any gzip inflation (bytes).
+DEFAULT_MAX_RESPONSE_BYTES: Final = 32 * 1024 * 1024
+
 #: What the waiting methods accept: a task id, the Submission that made it, or a record.
 TaskRef = str | Submission | Task
+
+T = TypeVar("T")
+# A retrying wrapper of NanoBananaClient._exchange: (path, body, read) -> what read returns.
+_Exchange = Callable[
+    [str, dict[str, Any], Callable[[_protocol.RawResponse], Any]], Awaitable[Any]
+]
 
 
 class NanoBananaClient:
@@ -66,10 +77,11 @@ class NanoBananaClient:
         max_poll_interval: float = 5.0,
         not_found_grace: float = 30.0,
         callback_poll_interval: float = 15.0,
+        max_response_bytes: int = DEFAULT_MAX_RESPONSE_BYTES,
         retry: RetryPolicy | None = None,
     ) -> None:
         token = token if token is not None else os.environ.get(TOKEN_ENV)
-        if not token or not token.strip():
+        if not isinstance(token, str) or not token.strip():
             raise NanoBananaError(
                 f"no API token: pass one, or set the {TOKEN_ENV} environment variable"
             )
@@ -77,30 +89,30 @@ class NanoBananaClient:
         url = URL(base)
         if url.scheme not in ("http", "https") or not url.host:
             raise ValueError(f"base_url must be an http(s) URL, got {base!r}")
-        if not timeout > 0:
-            raise ValueError(f"timeout must be positive, got {timeout!r}")
-        if not 1 <= batch_size <= 1000:
-            raise ValueError(f"batch_size must be from 1 to 1000, got {batch_size!r}")
-        if not 0 < poll_interval <= max_poll_interval:
+        timeout = check_number("timeout", timeout)
+        batch_size = check_count("batch_size", batch_size, maximum=1000)
+        poll_interval = check_number("poll_interval", poll_interval)
+        max_poll_interval = check_number("max_poll_interval", max_poll_interval)
+        if poll_interval > max_poll_interval:
             raise ValueError(
-                "poll_interval must be positive and at most max_poll_interval, "
+                "poll_interval must be at most max_poll_interval, "
                 f"got {poll_interval!r} and {max_poll_interval!r}"
             )
-        if not_found_grace < 0 or callback_poll_interval <= 0:
-            raise ValueError("not_found_grace must be >= 0 and callback_poll_interval > 0")
+        not_found_grace = check_number("not_found_grace", not_found_grace, strict=False)
+        callback_poll_interval = check_number("callback_poll_interval", callback_poll_interval)
+        self._max_response_bytes = check_count(
+            "max_response_bytes", max_response_bytes, minimum=1024
+        )
         if retry is None:
-            retry = RetryPolicy(max_retries=max_retries)
+            retry = RetryPolicy(max_retries=check_count("max_retries", max_retries, minimum=0))
         elif max_retries != 3 and max_retries != retry.max_retries:
             raise ValueError("pass max_retries or retry=RetryPolicy(...), not both")
 
-        self._token = token.strip()
         self._base_url = str(url).rstrip("/")
-        self._headers: Final = {
-            "authorization": f"Bearer {self._token}",
-            "accept": "application/json",
-            "content-type": "application/json",
-            "user-agent": f"nanobanana-async/{__version__}",
-        }
+        # Kept in an object whose repr hides it: tracebacks rendered with locals show ***.
+        self._credentials: Final = _transport.Credentials(
+            token.strip(), f"nanobanana-async/{__version__}"
+        )
         self._endpoints: dict[str, URL] = {}
         self._timeout = aiohttp.ClientTimeout(total=timeout, sock_connect=min(timeout, 10.0))
         self._session = session
@@ -109,8 +121,8 @@ class NanoBananaClient:
         self._closed = False
         self._batch_size = batch_size
         self._retry = retry
-        self._read = retrying(self._post, retry, is_retryable_read)
-        self._submit = retrying(self._post, retry, is_retryable_submission)
+        self._read: _Exchange = retrying(self._exchange, retry, is_retryable_read)
+        self._submit: _Exchange = retrying(self._exchange, retry, is_retryable_submission)
         self._poller = Poller(
             self._fetch_for_poller,
             batch_size=batch_size,
@@ -118,7 +130,7 @@ class NanoBananaClient:
             max_poll_interval=max_poll_interval,
             not_found_grace=not_found_grace,
             lazy_poll_interval=max(callback_poll_interval, max_poll_interval),
-            max_retry_after=retry.max_retry_after,
+            retry=retry,
         )
 
     def __repr__(self) -> str:
@@ -194,14 +206,22 @@ class NanoBananaClient:
             url = self._endpoints[path] = URL(self._base_url + path)
         return url
 
-    async def _post(self, path: str, body: dict[str, Any]) -> _protocol.RawResponse:
-        """One attempt: send, read, and raise the error the answer stands for."""
+    async def _exchange(
+        self, path: str, body: dict[str, Any], read: Callable[[_protocol.RawResponse], Any]
+    ) -> Any:
+        """One attempt: send, then judge the answer's status and body with ``read``.
+
+        ``read`` is a ``_protocol.parse_*`` function (no I/O). It runs inside the attempt,
+        so the retry wrappers see an error the same way whether it came as a status or
+        in a 200 body. The poll loop calls this once per request: it owns its retries.
+        """
         response = await _transport.post(
             self._get_session(),
             self._endpoint(path),
             json.dumps(body).encode(),
-            headers=self._headers,
+            credentials=self._credentials,
             timeout=self._timeout,
+            max_size=self._max_response_bytes,
         )
         if logger.isEnabledFor(logging.DEBUG):  # reading the trace id costs a parse
             logger.debug(
@@ -211,10 +231,17 @@ class NanoBananaClient:
                 response.status,
                 _protocol.trace_id_of(response),
             )
-        # Only error statuses are judged here, inside the retries; a 2xx body is parsed
-        # once, by the caller's parse step.
-        _protocol.raise_for_status(response)
-        return response
+        return read(response)
+
+    async def _call(
+        self,
+        attempts: _Exchange,
+        path: str,
+        body: dict[str, Any],
+        read: Callable[[_protocol.RawResponse], T],
+    ) -> T:
+        """Run ``attempts`` (a retrying wrapper of :meth:`_exchange`) with a typed result."""
+        return cast(T, await attempts(path, body, read))
 
     # --- submitting -------------------------------------------------------------------
 
@@ -265,8 +292,9 @@ class NanoBananaClient:
         return await self._submit_body(body, callback_url)
 
     async def _submit_body(self, body: dict[str, Any], callback_url: str | None) -> Submission:
+        read = functools.partial(_protocol.parse_submission, callback_url=callback_url)
         try:
-            response = await self._submit(_protocol.IMAGES_PATH, body)
+            submission = await self._call(self._submit, _protocol.IMAGES_PATH, body, read)
         except NanoBananaError as exc:
             if _may_have_created_task(exc):
                 exc.add_note(
@@ -274,7 +302,6 @@ class NanoBananaClient:
                     "it was not retried, to avoid paying twice."
                 )
             raise
-        submission = _protocol.parse_submission(response, callback_url=callback_url)
         logger.debug(
             "submitted %s: task_id=%s trace_id=%s",
             body["action"],
@@ -288,8 +315,8 @@ class NanoBananaClient:
     async def retrieve(self, task_id: str) -> Task:
         """Read one task record; an id the service does not know raises TaskNotFoundError."""
         body = _protocol.build_retrieve(task_id)
-        response = await self._read(_protocol.TASKS_PATH, body)
-        return _protocol.parse_task(response, task_id)
+        read = functools.partial(_protocol.parse_task, task_id=task_id)
+        return await self._call(self._read, _protocol.TASKS_PATH, body, read)
 
     async def retrieve_batch(self, task_ids: Iterable[str]) -> TaskBatch:
         """Read many records, ``batch_size`` ids per request; unknown ids are absent."""
@@ -301,14 +328,15 @@ class NanoBananaClient:
         return TaskBatch(items=items, count=len(items))
 
     async def _retrieve_chunk(self, ids: list[str]) -> TaskBatch:
-        response = await self._read(_protocol.TASKS_PATH, _protocol.build_retrieve_batch(ids))
-        return _protocol.parse_task_batch(response)
+        read = functools.partial(_protocol.parse_task_batch, task_ids=ids)
+        body = _protocol.build_retrieve_batch(ids)
+        return await self._call(self._read, _protocol.TASKS_PATH, body, read)
 
     async def _fetch_for_poller(
         self, ids: list[str]
     ) -> tuple[dict[str, Task], dict[str, ResponseDecodeError]]:
-        response = await self._read(_protocol.TASKS_PATH, _protocol.build_retrieve_batch(ids))
-        return _protocol.decode_task_items(response)
+        body = _protocol.build_retrieve_batch(ids)
+        return await self._call(self._read, _protocol.TASKS_PATH, body, _protocol.decode_task_items)
 
     # --- callbacks --------------------------------------------------------------------
 

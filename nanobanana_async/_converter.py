@@ -4,22 +4,30 @@ Production decoding ignores unknown keys, so fields the service adds tomorrow do
 break anyone. Tests build a strict twin with ``make_converter(forbid_extra_keys=True)``
 and run it over recorded samples, so API drift shows up as a failing test.
 
-Primitive hooks are strict: a number where a string belongs is a decode error naming
-the field's path, not a silently stringified value.
+Strict where a value matters, lenient where it is bookkeeping. Ids, ``success``, image
+URLs and error codes go through strict hooks: a number where a string belongs is a
+decode error naming the field's path, never a silently stringified value. Fields the
+client does not act on (timestamps, ``elapsed``, trace ids, ``type``, ``request``, an
+error's message, a ``null`` among the images) are read leniently: a value of an
+unexpected type becomes None (or is skipped), so it can never keep a finished task's
+images from the user.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
+from datetime import datetime
 from types import UnionType
 from typing import Any, TypeVar, Union, get_args, get_origin
 
 import attrs
 import cattrs
 from cattrs.cols import list_structure_factory
+from cattrs.errors import IterableValidationError, IterableValidationNote
 from cattrs.gen import make_dict_structure_fn, override
 
-from ._models import ErrorDetail, Submission
+from ._models import ErrorDetail, ImageResult, Submission, Task, TaskBatch, TaskResponse
 
 __all__ = ["DecodeFailure", "converter", "make_converter", "structure"]
 
@@ -117,6 +125,39 @@ _PRIMITIVES: dict[Any, Callable[[Any, type], Any]] = {
 }
 
 
+# Lenient hooks for bookkeeping fields: an unexpected value becomes None.
+
+
+def _lenient_str(value: Any, _: type) -> str | None:
+    return value if type(value) is str else None
+
+
+def _lenient_object(value: Any, _: type) -> dict[str, Any] | None:
+    return value if type(value) is dict else None
+
+
+def _lenient_seconds(value: Any, _: type) -> float | None:
+    """A Unix time or a duration: a number, a numeric string or an ISO 8601 time."""
+    if type(value) is float:
+        return value if math.isfinite(value) else None
+    if type(value) is int:
+        return float(value)
+    if type(value) is str:
+        try:
+            seconds = float(value)
+        except ValueError:
+            try:
+                seconds = datetime.fromisoformat(value).timestamp()
+            except (ValueError, OverflowError, OSError):
+                return None
+        return seconds if math.isfinite(seconds) else None
+    return None
+
+
+def _lenient_count(value: Any, _: type) -> int:
+    return value if type(value) is int else 0
+
+
 def _is(hint: Any) -> Callable[[Any], bool]:
     return lambda cls: bool(cls == hint)
 
@@ -130,9 +171,25 @@ def _is_optional(cls: Any) -> bool:
     return get_origin(cls) in (Union, UnionType) and len(args) == 2 and type(None) in args
 
 
-# Fields that never come from the wire.
+_BOOKKEEPING_TIMES = {
+    name: override(struct_hook=_lenient_seconds)
+    for name in ("created_at", "started_at", "finished_at", "elapsed")
+}
+_LENIENT_STR = override(struct_hook=_lenient_str)
+
+# Per record: fields that never come from the wire, and fields read leniently.
 _OVERRIDES: dict[type, dict[str, Any]] = {
-    Submission: {"callback_url": override(omit=True)},
+    Submission: {"callback_url": override(omit=True), "trace_id": _LENIENT_STR},
+    Task: {
+        **_BOOKKEEPING_TIMES,
+        "trace_id": _LENIENT_STR,
+        "type": _LENIENT_STR,
+        "request": override(struct_hook=_lenient_object),
+    },
+    TaskResponse: {"trace_id": _LENIENT_STR},
+    ImageResult: {"prompt": _LENIENT_STR},
+    ErrorDetail: {"message": _LENIENT_STR},
+    TaskBatch: {"count": override(struct_hook=_lenient_count)},
 }
 
 
@@ -153,9 +210,36 @@ def make_converter(*, forbid_extra_keys: bool = False) -> cattrs.Converter:
 
         return structure_list
 
+    def image_list(value: Any, _: Any) -> list[ImageResult]:
+        # The images of a task: strict about their shape, but a null entry beside good
+        # ones is skipped rather than failing the whole finished task.
+        if value is None:
+            return []
+        if not isinstance(value, list):
+            raise TypeError(f"expected an array, got {type(value).__name__}")
+        image = conv.get_structure_hook(ImageResult)
+        images: list[ImageResult] = []
+        errors: list[Exception] = []
+        for index, item in enumerate(value):
+            if item is None:
+                continue
+            try:
+                images.append(image(item, ImageResult))
+            except Exception as exc:  # collected with its index, as cattrs does
+                where = f"Structuring image @ index {index}"
+                note = IterableValidationNote(where, index, ImageResult)
+                exc.__notes__ = [*getattr(exc, "__notes__", []), note]
+                errors.append(exc)
+        if errors:
+            raise IterableValidationError("While structuring images", errors, list)
+        return images
+
     def record_hook(cls: Any) -> Any:
         # cattrs reads attrs classes with ``in`` and ``[]``: a string would pass as empty.
-        fields = make_dict_structure_fn(cls, conv, **_OVERRIDES.get(cls, {}))
+        overrides = _OVERRIDES.get(cls, {})
+        if cls is TaskResponse:
+            overrides = {**overrides, "data": override(struct_hook=image_list)}
+        fields = make_dict_structure_fn(cls, conv, **overrides)
 
         def structure_record(value: Any, cls: Any) -> Any:
             if not isinstance(value, dict):
@@ -176,7 +260,12 @@ def make_converter(*, forbid_extra_keys: bool = False) -> cattrs.Converter:
 
     conv.register_structure_hook_factory(_is_optional, optional_hook)
     for hint, hook in _PRIMITIVES.items():
-        conv.register_structure_hook_func(_is(hint), hook)
+        if isinstance(hint, type):
+            # Bare classes go through cattrs' single dispatch, which would otherwise
+            # win with its own permissive hook (``str(value)``).
+            conv.register_structure_hook(hint, hook)
+        else:
+            conv.register_structure_hook_func(_is(hint), hook)
     conv.register_structure_hook_factory(_is_list, list_hook)
     conv.register_structure_hook_factory(attrs.has, record_hook)
 
@@ -195,7 +284,14 @@ def make_converter(*, forbid_extra_keys: bool = False) -> cattrs.Converter:
 #: The production converter, used for every answer.
 converter = make_converter()
 
-_FAILURES = (cattrs.BaseValidationError, TypeError, ValueError, KeyError, AttributeError)
+_FAILURES = (
+    cattrs.BaseValidationError,
+    TypeError,
+    ValueError,
+    KeyError,
+    AttributeError,
+    RecursionError,
+)
 
 
 def structure(

@@ -3,7 +3,8 @@
 ::
 
     NanoBananaError
-    ├── APIError                      the service answered with an error status
+    ├── APIError                      the service answered with an error status,
+    │   │                             or a 2xx body saying ``success: false``
     │   ├── BadRequestError           400, 413
     │   ├── AuthenticationError       401
     │   ├── PermissionDeniedError     403 (``used_up``: no balance; ``forbidden``: content refused)
@@ -12,16 +13,30 @@
     │   └── ServerError               5xx, including a proxy's HTML error page
     ├── APIConnectionError            the request failed on the network, after retries
     │   └── APITimeoutError           no answer within the per-request timeout (also a TimeoutError)
-    ├── ResponseDecodeError           a 2xx body that is not JSON or not the documented shape
+    ├── ResponseDecodeError           a 2xx body that is not JSON, not the documented shape,
+    │                                 too large, or the record of another task
     ├── TaskNotFoundError             the service does not know the task id
     ├── TaskFailedError               the task finished without images (``await_completion``)
     ├── TaskTimeoutError              a wait's own deadline passed (also a TimeoutError)
     ├── DownloadError                 an image could not be saved (``url``, ``status``)
     └── ClientClosedError             the client was closed (before or during the call)
 
+Where each answer is judged
+    ``_transport.post`` turns network failures into :class:`APIConnectionError` and
+    refuses a body past ``max_response_bytes`` (:class:`ResponseDecodeError`). Then one
+    I/O-free ``_protocol.parse_*`` function per answer kind judges status and body
+    together (``_protocol.decipher``): every :class:`APIError`, whether it came as a
+    status or in a 200 body, every :class:`ResponseDecodeError` and
+    :class:`TaskNotFoundError`. Both run inside each retried attempt, so ``_retry``'s
+    predicates see every error the same way. The poll loop (``_poller``) adds
+    :class:`TaskTimeoutError`, :class:`TaskNotFoundError` after its grace, and
+    :class:`ClientClosedError`; ``await_completion`` adds :class:`TaskFailedError`;
+    ``_download`` raises :class:`DownloadError`.
+
 Bad arguments raise :class:`ValueError` before any request is made. No exception's
 ``str`` or ``repr`` ever contains the API token: they are built only from status codes,
-error codes, messages from the service and ids.
+error codes, messages from the service and ids; and no aiohttp exception (whose
+``request_info`` holds the request's headers) is chained to them.
 """
 
 from __future__ import annotations
@@ -177,7 +192,7 @@ class APITimeoutError(APIConnectionError, TimeoutError):
 
 
 class ResponseDecodeError(NanoBananaError):
-    """A body that is not JSON, or not the shape the protocol documents.
+    """A body that is not JSON, not the shape the protocol documents, or too large.
 
     ``body_excerpt`` holds at most the first 200 characters of the body, for diagnosis.
     """

@@ -40,6 +40,7 @@ from ._errors import (
     TaskTimeoutError,
 )
 from ._models import Task
+from ._retry import RetryPolicy
 
 __all__ = ["FetchBatch", "OnUpdate", "Poller", "Target", "call_on_update"]
 
@@ -182,7 +183,7 @@ class Poller:
         max_poll_interval: float,
         not_found_grace: float,
         lazy_poll_interval: float,
-        max_retry_after: float = 60.0,
+        retry: RetryPolicy,
     ) -> None:
         self._fetch = fetch
         self._batch_size = batch_size
@@ -190,7 +191,7 @@ class Poller:
         self._max_poll_interval = max_poll_interval
         self._not_found_grace = not_found_grace
         self._lazy_poll_interval = lazy_poll_interval
-        self._max_retry_after = max_retry_after
+        self._retry = retry
         self._entries: dict[str, _Entry] = {}
         self._heap: list[tuple[float, int, _Entry]] = []
         self._seq = itertools.count()
@@ -515,7 +516,7 @@ class Poller:
         delay = max(self._poll_interval, backoff.full_jitter(next(self._failure_delays)))
         if isinstance(exc, RateLimitError):
             if exc.retry_after is not None:
-                delay = min(exc.retry_after, self._max_retry_after)
+                delay = max(delay, min(exc.retry_after, self._retry.max_retry_after))
             self._paused_until = max(self._paused_until, now + delay)
         logger.warning("poll request failed, retrying in %.1f s: %s", delay, exc)
         for entry in batch:

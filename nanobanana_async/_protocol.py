@@ -1,16 +1,20 @@
-"""The Nano Banana wire protocol, with no I/O: build request bodies, read responses.
+"""The Nano Banana wire protocol, with no I/O: build request bodies, read answers.
 
 Everything here is a pure function of its arguments, so it is unit-tested on recorded
-samples without a server. ``_client`` sends what ``build_*`` returns and hands the
-answer's status, headers and body to ``parse_*``, which return records or raise the
-matching error from ``_errors``. This module is where HTTP statuses and error codes
-are mapped to exceptions.
+samples without a server. ``_client`` sends what ``build_*`` returns; one ``parse_*``
+function per answer kind then takes the answer's status, headers and body and returns
+the record or raises the matching error from ``_errors``. Each judges status and body
+together in one pass (:func:`decipher`), inside the retried attempt, the way
+gidgethub's ``sansio.decipher_response`` does. This module is where HTTP statuses and
+error codes are mapped to exceptions, and where hostile bytes stop: whatever the body,
+only our errors come out.
 """
 
 from __future__ import annotations
 
 import email.utils
 import json
+import math
 import re
 import time
 from collections.abc import Iterable, Mapping, Sequence
@@ -41,13 +45,13 @@ __all__ = [
     "build_submission",
     "check_task_id",
     "check_task_ids",
+    "decipher",
     "decode_task_items",
     "error_for",
     "parse_retry_after",
     "parse_submission",
     "parse_task",
     "parse_task_batch",
-    "raise_for_status",
     "task_from_callback",
     "trace_id_of",
 ]
@@ -57,7 +61,6 @@ TASKS_PATH: Final = "/nano-banana/tasks"
 
 ASPECT_RATIOS: Final = frozenset({"1:1", "3:2", "2:3", "16:9", "9:16", "4:3", "3:4"})
 RESOLUTIONS: Final = frozenset({"1K", "2K", "4K"})
-MAX_RETRY_AFTER: Final = 60.0  # seconds; a larger hint is capped, not obeyed blindly
 
 T = TypeVar("T")
 
@@ -185,6 +188,7 @@ _CODE_STATUS: Final[dict[str, int]] = {
 
 _TAG = re.compile(r"<[^>]+>")
 _SPACE = re.compile(r"\s+")
+_NOT_JSON: Final = object()  # a body that did not parse
 
 
 def _excerpt(body: bytes, limit: int = 200) -> str:
@@ -192,9 +196,10 @@ def _excerpt(body: bytes, limit: int = 200) -> str:
 
 
 def parse_retry_after(value: str | None, *, now: float | None = None) -> float | None:
-    """Seconds to wait from a ``Retry-After`` header (seconds or HTTP-date), capped.
+    """Seconds to wait from a ``Retry-After`` header (seconds or HTTP-date).
 
-    None when the header is absent or unreadable.
+    A hint in the past, zero or negative reads as 0.0; an unreadable or non-finite one as
+    None. Not capped here: :meth:`RetryPolicy.wait` caps hints, in one place.
     """
     if value is None:
         return None
@@ -204,14 +209,14 @@ def parse_retry_after(value: str | None, *, now: float | None = None) -> float |
     except ValueError:
         try:
             when = email.utils.parsedate_to_datetime(value)
-        except (TypeError, ValueError, IndexError):
+        except (TypeError, ValueError, IndexError, OverflowError):
             return None
         if when.tzinfo is None:
             return None
         seconds = when.timestamp() - (time.time() if now is None else now)
-    if seconds != seconds:  # NaN
+    if not math.isfinite(seconds):
         return None
-    return min(max(seconds, 0.0), MAX_RETRY_AFTER)
+    return max(seconds, 0.0)
 
 
 def _error_fields(payload: Any) -> tuple[str | None, str | None, str | None]:
@@ -242,29 +247,33 @@ def _html_message(body: bytes) -> str:
     return _SPACE.sub(" ", raw).strip()[:200]
 
 
-def error_for(response: RawResponse) -> APIError | None:
-    """The error an answer stands for, or None if it is a success.
+def _load_json(body: bytes) -> Any:
+    """The parsed body, or ``_NOT_JSON``; never raises, whatever the bytes."""
+    if not body:
+        return _NOT_JSON
+    try:
+        return json.loads(body)
+    except (ValueError, RecursionError):  # RecursionError: hostile nesting ("[" * 10**5)
+        return _NOT_JSON
 
-    Non-2xx statuses map to a class by status (5xx to ServerError). A 2xx body with
-    ``success: false`` and an error is an error too, its class chosen by error code.
-    """
-    return _error_in(response, _json_or_none(response.body))
+
+def _is_error_body(payload: Any) -> bool:
+    return isinstance(payload, dict) and payload.get("success") is False and "error" in payload
 
 
 def _error_in(response: RawResponse, payload: Any) -> APIError | None:
+    """The error an answer stands for, judged from its status and parsed body together."""
     status = response.status
     success_status = 200 <= status < 300
-    # A 2xx is an error only when its body says so (checked first: this runs on every
-    # successful answer); its error code then picks the class.
-    if success_status and not (
-        isinstance(payload, dict) and payload.get("success") is False and "error" in payload
-    ):
+    # A 2xx is an error only when its body says so; its error code then picks the class,
+    # so an error is the same error whether it came as a status or in a 200 body.
+    if success_status and not _is_error_body(payload):
         return None
     code, message, trace_id = _error_fields(payload)
     if success_status:
         status = _CODE_STATUS.get(code or "", 500)
     if message is None:
-        if payload is None and response.body:
+        if payload is _NOT_JSON and response.body:
             message = _html_message(response.body) or f"HTTP {status}"
         else:
             message = f"HTTP {status} with no error message"
@@ -280,49 +289,44 @@ def _error_in(response: RawResponse, payload: Any) -> APIError | None:
     return cls(message, status=status, code=code, trace_id=trace_id)
 
 
-def raise_for_status(response: RawResponse) -> None:
-    """Raise the APIError of a non-2xx answer; a 2xx body is judged when it is parsed."""
-    if not 200 <= response.status < 300:
-        error = _error_in(response, _json_or_none(response.body))
-        assert error is not None  # every non-2xx status maps to an error
+def error_for(response: RawResponse) -> APIError | None:
+    """The error an answer stands for, or None if it is a success."""
+    return _error_in(response, _load_json(response.body))
+
+
+def decipher(response: RawResponse) -> dict[str, Any]:
+    """Judge an answer's status and body in one pass: a success's JSON object, or raise.
+
+    Raises the :class:`APIError` an error status or a 2xx ``success: false`` body stands
+    for, and :class:`ResponseDecodeError` for a 2xx body that is not a JSON object. The
+    body is parsed once. Runs inside each retried attempt, so an error is retried (or
+    not) the same way whether it came as a status or in a 200 body.
+    """
+    payload = _load_json(response.body)
+    error = _error_in(response, payload)
+    if error is not None:
         raise error
-
-
-def trace_id_of(response: RawResponse) -> str | None:
-    """The ``trace_id`` an answer carries, for logs; None if it has none."""
-    payload = _json_or_none(response.body)
-    trace_id = payload.get("trace_id") if isinstance(payload, dict) else None
-    return trace_id if isinstance(trace_id, str) else None
-
-
-def _json_or_none(body: bytes) -> Any:
-    try:
-        return json.loads(body) if body else None
-    except ValueError:
-        return None
-
-
-def _json_object(response: RawResponse) -> dict[str, Any]:
-    """The body as a JSON object, parsed once; raises the error the answer stands for."""
-    raise_for_status(response)
-    try:
-        payload = json.loads(response.body)
-    except ValueError:
+    if payload is _NOT_JSON:
         raise ResponseDecodeError(
-            f"HTTP {response.status} answer is not JSON",
+            f"HTTP {response.status} answer is not JSON"
+            + ("" if response.body else " (empty body)"),
             status=response.status,
             body_excerpt=_excerpt(response.body),
-        ) from None
+        )
     if not isinstance(payload, dict):
         raise ResponseDecodeError(
             f"expected a JSON object, got {type(payload).__name__}",
             status=response.status,
             body_excerpt=_excerpt(response.body),
         )
-    error = _error_in(response, payload)
-    if error is not None:
-        raise error
     return payload
+
+
+def trace_id_of(response: RawResponse) -> str | None:
+    """The ``trace_id`` an answer carries, for logs; None if it has none."""
+    payload = _load_json(response.body)
+    trace_id = payload.get("trace_id") if isinstance(payload, dict) else None
+    return trace_id if isinstance(trace_id, str) else None
 
 
 def _decode(payload: dict[str, Any], cls: type[T], response: RawResponse) -> T:
@@ -336,29 +340,90 @@ def _decode(payload: dict[str, Any], cls: type[T], response: RawResponse) -> T:
         ) from None
 
 
+def _wire_id(value: object) -> str | None:
+    """A task id as the wire must carry it: a non-empty string, else None."""
+    return value if isinstance(value, str) and value.strip() else None
+
+
 def parse_submission(response: RawResponse, *, callback_url: str | None = None) -> Submission:
-    """The task id from a ``generate``/``edit`` answer (or the error it stands for)."""
-    submission = _decode(_json_object(response), Submission, response)
-    if not submission.task_id:
+    """The task id from a ``generate``/``edit`` answer (or the error it stands for).
+
+    The id is strict (a non-empty string): a possibly paid task id is never replaced
+    by a stringified ``null`` or object.
+    """
+    payload = decipher(response)
+    if _wire_id(payload.get("task_id")) is None:
         raise ResponseDecodeError(
-            "submission answer has an empty task_id",
+            "submission answer has no task_id string",
             status=response.status,
             body_excerpt=_excerpt(response.body),
         )
-    return attrs.evolve(submission, callback_url=callback_url)
+    submission = _decode(payload, Submission, response)
+    return attrs.evolve(submission, callback_url=callback_url) if callback_url else submission
+
+
+def _record(payload: Any, response: RawResponse, path: str) -> Task:
+    """One task record, its id checked strictly; raises ResponseDecodeError."""
+    if isinstance(payload, dict) and _wire_id(payload.get("id")) is None:
+        raise ResponseDecodeError(
+            f"task record without an id string @ {path}",
+            status=response.status,
+            body_excerpt=_excerpt(response.body),
+        )
+    try:
+        return structure(payload, Task, path=path)
+    except DecodeFailure as failure:
+        raise ResponseDecodeError(
+            f"unexpected Task shape: {failure}",
+            status=response.status,
+            body_excerpt=_excerpt(response.body),
+        ) from None
 
 
 def parse_task(response: RawResponse, task_id: str) -> Task:
-    """One task record; an empty object means the service does not know the id."""
-    payload = _json_object(response)
+    """One task record; an empty object means the service does not know the id.
+
+    A record of another task than the one asked for is a decode error, not an answer.
+    """
+    payload = decipher(response)
     if not payload:
         raise TaskNotFoundError(task_id)
-    return _decode(payload, Task, response)
+    task = _record(payload, response, "$")
+    if task.id != task_id:
+        raise ResponseDecodeError(
+            f"asked for task {task_id!r}, the answer is the record of task {task.id!r}",
+            status=response.status,
+            body_excerpt=_excerpt(response.body),
+        )
+    return task
 
 
-def parse_task_batch(response: RawResponse) -> TaskBatch:
-    """A ``retrieve_batch`` answer; any malformed record fails the whole answer."""
-    return _decode(_json_object(response), TaskBatch, response)
+def _items(payload: dict[str, Any], response: RawResponse) -> list[Any]:
+    items = payload.get("items")
+    if items is None:
+        return []
+    if not isinstance(items, list):
+        raise ResponseDecodeError(
+            "retrieve_batch answer has no items list",
+            status=response.status,
+            body_excerpt=_excerpt(response.body),
+        )
+    return items
+
+
+def parse_task_batch(response: RawResponse, task_ids: Iterable[str] | None = None) -> TaskBatch:
+    """A ``retrieve_batch`` answer; any malformed record fails the whole answer.
+
+    With ``task_ids``, records of tasks not asked for are dropped.
+    """
+    payload = decipher(response)
+    asked = None if task_ids is None else set(task_ids)
+    tasks = []
+    for index, item in enumerate(_items(payload, response)):
+        task = _record(item, response, f"$.items[{index}]")
+        if asked is None or task.id in asked:
+            tasks.append(task)
+    return TaskBatch(items=tasks, count=len(tasks))
 
 
 def task_from_callback(payload: Any, *, received_at: float) -> Task:
@@ -369,12 +434,16 @@ def task_from_callback(payload: Any, *, received_at: float) -> Task:
     Raises ResponseDecodeError (``status`` 0: no HTTP answer) for a malformed body.
     """
     if isinstance(payload, bytes | str):
-        try:
-            payload = json.loads(payload)
-        except ValueError:
+        parsed = _load_json(payload.encode() if isinstance(payload, str) else payload)
+        if parsed is _NOT_JSON:
             raise ResponseDecodeError(
                 "callback body is not JSON", status=0, body_excerpt=_text_excerpt(payload)
-            ) from None
+            )
+        payload = parsed
+    if not isinstance(payload, dict) or _wire_id(payload.get("task_id")) is None:
+        raise ResponseDecodeError(
+            "callback body has no task_id string", status=0, body_excerpt=_text_excerpt(payload)
+        )
     try:
         response = structure(payload, TaskResponse)
     except DecodeFailure as failure:
@@ -383,10 +452,7 @@ def task_from_callback(payload: Any, *, received_at: float) -> Task:
             status=0,
             body_excerpt=_text_excerpt(payload),
         ) from None
-    if not response.task_id:
-        raise ResponseDecodeError(
-            "callback body has no task_id", status=0, body_excerpt=_text_excerpt(payload)
-        )
+    assert response.task_id is not None  # checked above
     return Task(
         id=response.task_id,
         trace_id=response.trace_id,
@@ -398,7 +464,10 @@ def task_from_callback(payload: Any, *, received_at: float) -> Task:
 def _text_excerpt(payload: object) -> str:
     if isinstance(payload, bytes):
         return _excerpt(payload)
-    return (payload if isinstance(payload, str) else repr(payload))[:200]
+    try:
+        return (payload if isinstance(payload, str) else repr(payload))[:200]
+    except RecursionError:
+        return f"<a deeply nested {type(payload).__name__}>"
 
 
 def decode_task_items(
@@ -410,29 +479,16 @@ def decode_task_items(
     come back in the first dict, and a decode error per bad record (whose id can be
     read) in the second. A body that is not a batch at all raises.
     """
-    payload = _json_object(response)
-    items = payload.get("items", [])
-    if items is None:
-        items = []
-    if not isinstance(items, list):
-        raise ResponseDecodeError(
-            "retrieve_batch answer has no items list",
-            status=response.status,
-            body_excerpt=_excerpt(response.body),
-        )
+    payload = decipher(response)
     tasks: dict[str, Task] = {}
     errors: dict[str, ResponseDecodeError] = {}
-    for index, item in enumerate(items):
+    for index, item in enumerate(_items(payload, response)):
         try:
-            task = structure(item, Task, path=f"$.items[{index}]")
-        except DecodeFailure as failure:
-            task_id = item.get("id") if isinstance(item, dict) else None
-            if isinstance(task_id, str):
-                errors[task_id] = ResponseDecodeError(
-                    f"unexpected record for task {task_id!r}: {failure}",
-                    status=response.status,
-                    body_excerpt=_excerpt(json.dumps(item).encode()),
-                )
+            task = _record(item, response, f"$.items[{index}]")
+        except ResponseDecodeError as error:
+            task_id = _wire_id(item.get("id")) if isinstance(item, dict) else None
+            if task_id is not None:
+                errors[task_id] = error
             continue
         tasks[task.id] = task
     for task_id in tasks.keys() & errors.keys():

@@ -1,24 +1,45 @@
-"""When and how long to retry a request, on top of ``backoff``.
+"""Every retry rule of the library: which errors are retried, and how long to wait.
 
 Retries happen only on an explicit predicate: reads (``retrieve``) are idempotent and
 retry on rate limits, 5xx and network failures; paid submissions retry only when the
-service cannot have seen them (a 429, or a connection that was never made). Both the
-number of attempts and the total time are capped, and a ``Retry-After`` hint wins
-over the computed wait. ``RetryPolicy.no_wait()`` makes tests fast and deterministic.
+service cannot have taken them (a 429, or a connection that was never made). The poll
+loop owns its retries (see ``_poller``) but takes its fatal set and its pauses from here.
+
+Both the number of attempts and the total time are capped. A ``Retry-After`` hint may
+lengthen a wait, never shorten it below the policy's own backoff, and it is capped in
+one place: :meth:`RetryPolicy.wait`. ``RetryPolicy.no_wait()`` makes tests fast and
+deterministic.
 """
 
 from __future__ import annotations
 
 import logging
+import math
+import random
+import time
 from collections.abc import Awaitable, Callable, Generator
 from typing import Any, ParamSpec, TypeVar
 
 import attrs
 import backoff
 
-from ._errors import APIConnectionError, NanoBananaError, RateLimitError, ServerError
+from ._errors import (
+    APIConnectionError,
+    AuthenticationError,
+    NanoBananaError,
+    NotFoundError,
+    PermissionDeniedError,
+    RateLimitError,
+    ServerError,
+)
 
-__all__ = ["RetryPolicy", "is_retryable_read", "is_retryable_submission", "retrying"]
+__all__ = [
+    "POLL_FATAL",
+    "RetryPolicy",
+    "is_retryable_read",
+    "is_retryable_submission",
+    "retrying",
+]
 
 logger = logging.getLogger("nanobanana_async")
 
@@ -27,21 +48,53 @@ R = TypeVar("R")
 
 _RETRYABLE_STATUSES = frozenset({500, 502, 503, 504})
 
+#: Errors that no retry of a poll can mend, whatever task ids it carried: every waiter
+#: of the client fails with them at once (a bad token, no balance, a wrong base URL).
+POLL_FATAL = (AuthenticationError, PermissionDeniedError, NotFoundError)
+
+
+def _number(minimum: float, *, strict: bool = False, finite: bool = True) -> Any:
+    """An attrs validator: a real number (never a bool), finite, >= (or >) ``minimum``."""
+
+    def check(instance: object, attribute: attrs.Attribute[Any], value: object) -> None:
+        ok = isinstance(value, int | float) and not isinstance(value, bool)
+        if ok:
+            number = float(value)  # type: ignore[arg-type]
+            ok = not math.isnan(number) and (not finite or math.isfinite(number))
+            ok = ok and (number > minimum if strict else number >= minimum)
+        if not ok:
+            rule = f"{'>' if strict else '>='} {minimum:g}"
+            raise ValueError(f"{attribute.name} must be a finite number {rule}, got {value!r}")
+
+    return check
+
+
+def _whole(minimum: int) -> Any:
+    """An attrs validator: a real int (never a bool) >= ``minimum``."""
+
+    def check(instance: object, attribute: attrs.Attribute[Any], value: object) -> None:
+        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+            raise ValueError(f"{attribute.name} must be an integer >= {minimum}, got {value!r}")
+
+    return check
+
 
 @attrs.frozen
 class RetryPolicy:
-    """How a failed request is retried: exponential waits with full jitter, capped.
+    """How a failed request is retried: exponential waits with jitter, capped.
 
     ``max_retries`` retries at most (so ``max_retries + 1`` attempts), never past
-    ``max_time`` seconds in all; each wait is at most ``max_wait`` seconds, and a
-    ``Retry-After`` hint is obeyed up to ``max_retry_after`` seconds.
+    ``max_time`` seconds in all. The wait before retry *n* is ``initial_wait * 2**(n-1)``
+    capped at ``max_wait``; with ``jitter`` it is drawn from the upper half of that
+    (so it never falls under :meth:`min_wait`). A ``Retry-After`` hint can lengthen a
+    wait up to ``max_retry_after`` seconds, never shorten it.
     """
 
-    max_retries: int = attrs.field(default=3, validator=attrs.validators.ge(0))
-    initial_wait: float = attrs.field(default=0.5, validator=attrs.validators.ge(0))
-    max_wait: float = attrs.field(default=8.0, validator=attrs.validators.ge(0))
-    max_time: float = attrs.field(default=90.0, validator=attrs.validators.gt(0))
-    max_retry_after: float = attrs.field(default=60.0, validator=attrs.validators.ge(0))
+    max_retries: int = attrs.field(default=3, validator=_whole(0))
+    initial_wait: float = attrs.field(default=0.5, validator=_number(0))
+    max_wait: float = attrs.field(default=8.0, validator=_number(0))
+    max_time: float = attrs.field(default=90.0, validator=_number(0, strict=True, finite=False))
+    max_retry_after: float = attrs.field(default=60.0, validator=_number(0))
     jitter: bool = True
 
     @classmethod
@@ -55,19 +108,42 @@ class RetryPolicy:
             jitter=False,
         )
 
+    def _base(self, retry: int) -> float:
+        return min(self.initial_wait * 2.0 ** min(retry - 1, 64), self.max_wait)
+
+    def min_wait(self, retry: int) -> float:
+        """The least this policy waits before retry number ``retry`` (1 for the first)."""
+        base = self._base(retry)
+        return base / 2 if self.jitter else base
+
+    def wait(self, retry: int, error: BaseException | None = None) -> float:
+        """Seconds to wait before retry number ``retry`` after ``error``.
+
+        The backoff, lengthened (never shortened) by a 429's ``Retry-After`` hint, which
+        is capped at ``max_retry_after``: the one place hints are capped.
+        """
+        base = self._base(retry)
+        delay = random.uniform(base / 2, base) if self.jitter else base
+        hint = error.retry_after if isinstance(error, RateLimitError) else None
+        if hint is not None:
+            delay = max(delay, min(hint, self.max_retry_after))
+        return delay
+
     def waits(self) -> Generator[float, Any, None]:
-        """backoff wait generator: receives each exception, yields the next wait."""
-        expo = backoff.expo(factor=self.initial_wait, max_value=self.max_wait)
-        next(expo)  # backoff's generators start with a bare yield
-        exc = yield 0.0
+        """backoff's wait generator: receives each error, yields the next wait.
+
+        It stops (so backoff gives up with the last error) when the next wait would end
+        past ``max_time``: a retry is never hurried to fit the time left.
+        """
+        deadline = time.monotonic() + self.max_time
+        retry = 0
+        error = yield 0.0  # backoff's generators start with a bare send(None)
         while True:
-            delay = next(expo)
-            if self.jitter:
-                delay = backoff.full_jitter(delay)
-            hint = exc.retry_after if isinstance(exc, RateLimitError) else None
-            if hint is not None:
-                delay = min(hint, self.max_retry_after)
-            exc = yield delay
+            retry += 1
+            delay = self.wait(retry, error)
+            if time.monotonic() + delay > deadline:
+                return
+            error = yield delay
 
 
 def is_retryable_read(exc: Exception) -> bool:
@@ -103,8 +179,8 @@ def retrying(
         policy.waits,
         NanoBananaError,
         max_tries=policy.max_retries + 1,
-        max_time=policy.max_time,
-        jitter=None,
+        max_time=None,  # the wait generator enforces it, without shortening a wait
+        jitter=None,  # the policy jitters its own waits
         giveup=lambda exc: not predicate(exc),
         on_backoff=_log_retry,
         logger=None,

@@ -1,8 +1,15 @@
 """The one place that touches aiohttp for API calls: POST bytes, get status, headers, body.
 
-The body is read inside ``async with``, so the connection goes back to the pool even
-when a later step fails. aiohttp's errors become ours here, recording whether the
-request can have reached the service (a paid submission is only retried when not).
+The body is read inside ``async with``, at most ``max_size`` bytes of it (after any
+gzip inflation, so a small compressed bomb cannot fill memory), and the connection goes
+back to the pool or is closed even when a later step fails. aiohttp's errors become ours
+here, recording whether the request can have reached the service (a paid submission is
+only retried when not).
+
+The token must stay out of reach: aiohttp's exceptions carry the request's headers
+(``request_info``), and their tracebacks hold them in frame locals, so none is chained
+to our errors; and the headers travel in a :class:`Credentials` object whose ``repr``
+hides them, so a traceback rendered with locals (rich, Sentry) shows ``***``.
 """
 
 from __future__ import annotations
@@ -12,10 +19,33 @@ from collections.abc import Mapping
 import aiohttp
 from yarl import URL
 
-from ._errors import APIConnectionError, APITimeoutError
+from ._errors import APIConnectionError, APITimeoutError, ResponseDecodeError
 from ._protocol import RawResponse
 
-__all__ = ["network_error", "post"]
+__all__ = ["Credentials", "network_error", "post"]
+
+_CHUNK = 64 * 1024
+
+
+class Credentials:
+    """The API's request headers, token included; shown as ``***`` by ``repr``."""
+
+    __slots__ = ("_headers",)
+
+    def __init__(self, token: str, user_agent: str) -> None:
+        self._headers: Mapping[str, str] = {
+            "authorization": f"Bearer {token}",
+            "accept": "application/json",
+            "content-type": "application/json",
+            "user-agent": user_agent,
+        }
+
+    def headers(self) -> Mapping[str, str]:
+        """The headers to send (never store the result where a traceback can show it)."""
+        return self._headers
+
+    def __repr__(self) -> str:
+        return "<Credentials authorization=***>"
 
 
 async def post(
@@ -23,17 +53,56 @@ async def post(
     url: URL,
     body: bytes,
     *,
-    headers: Mapping[str, str],
+    credentials: Credentials,
     timeout: aiohttp.ClientTimeout,
+    max_size: int,
 ) -> RawResponse:
-    """Send one POST and read the whole answer, whatever its status."""
+    """Send one POST and read the whole answer (at most ``max_size`` bytes), any status."""
     try:
         async with session.post(
-            url, data=body, headers=headers, timeout=timeout, allow_redirects=False
+            url,
+            data=body,
+            headers=credentials.headers(),
+            timeout=timeout,
+            allow_redirects=False,
         ) as response:
-            return RawResponse(response.status, response.headers, await response.read())
+            content = await _read_capped(response, max_size)
+            return RawResponse(response.status, response.headers, content)
     except (aiohttp.ClientError, TimeoutError) as exc:
-        raise network_error(exc, str(url.origin()), timeout.total) from exc
+        error = network_error(exc, str(url.origin()), timeout.total)
+    # Raised here, outside the except block, so the aiohttp error (whose request_info
+    # and traceback hold the Authorization header) is neither its cause nor its context.
+    raise error from None
+
+
+async def _read_capped(response: aiohttp.ClientResponse, limit: int) -> bytes:
+    """The body, or a ResponseDecodeError once it passes ``limit`` bytes.
+
+    Streamed when it may grow past its Content-Length (compressed, or no length given):
+    aiohttp inflates gzip bit by bit as it is read, so memory stays near ``limit``.
+    """
+    length = response.content_length
+    if length is not None and length > limit:
+        raise _too_large(response.status, limit)
+    if length is not None and not response.headers.get("Content-Encoding"):
+        return await response.read()  # exactly Content-Length bytes
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in response.content.iter_chunked(_CHUNK):
+        size += len(chunk)
+        if size > limit:
+            # Leaving ``async with`` with the body unread closes the connection.
+            raise _too_large(response.status, limit)
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _too_large(status: int, limit: int) -> ResponseDecodeError:
+    return ResponseDecodeError(
+        f"HTTP {status} answer is larger than {limit:,} bytes: refused "
+        "(raise the client's max_response_bytes if such answers are expected)",
+        status=status,
+    )
 
 
 def network_error(
@@ -42,7 +111,7 @@ def network_error(
     """Our error for an aiohttp failure, saying whether the request can have been sent.
 
     Only a connection that was never made (refused, unresolvable, timed out connecting)
-    counts as not sent.
+    counts as not sent. The caller raises it without chaining ``exc``.
     """
     if isinstance(exc, aiohttp.ConnectionTimeoutError):
         return APITimeoutError(f"timed out connecting to {where}", request_sent=False)

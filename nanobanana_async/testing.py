@@ -75,9 +75,13 @@ Fault injection (API listener)
     page, default 502), ``"rate_limit"`` (429 ``too_many_requests`` with ``Retry-After``,
     default ``"1"``), ``"not_json"`` (status 200, ``body`` default ``<html>oops</html>``; a body
     starting with ``{`` or ``[`` is labelled ``application/json``), ``"drop"`` (the connection is
-    closed with no answer) and ``"slow"`` (wait ``delay`` seconds, then answer normally).  A
-    faulted submission creates no task, except ``"slow"``.  ``clear_faults()`` empties the
-    queue.
+    closed with no answer), ``"slow"`` (wait ``delay`` seconds, then answer normally) and
+    ``"gzip_bomb"`` (status 200 or ``status``, ``Content-Encoding: gzip``, chunked, inflating to
+    ``size`` bytes of JSON whitespace, default 1 GiB, from about ``size / 1000`` bytes on the
+    wire; streamed, so the server's memory stays small).  ``retry_after`` adds a
+    ``Retry-After`` header to ``"error"`` and ``"rate_limit"`` answers, verbatim when it is a
+    string (``"0"``, ``"-5"``, an HTTP date in the past).  A faulted submission creates no
+    task, except ``"slow"``.  ``clear_faults()`` empties the queue.
 
 Image listener
     ``GET /img/<task_id>/<i>.png`` serves a 16x16 solid-colour PNG for a finished, successful
@@ -156,7 +160,10 @@ OUTCOMES: Final[frozenset[str]] = frozenset({"succeed", "fail", "fail_top_level"
 
 _FAILURE_ROTATION: Final = ("fail", "fail_top_level", "fail_no_images")
 _PENDING_SHAPES: Final = frozenset({"ack", "none", "mixed"})
-_FAULT_KINDS: Final = frozenset({"error", "html", "rate_limit", "not_json", "drop", "slow"})
+_FAULT_KINDS: Final = frozenset(
+    {"error", "html", "rate_limit", "not_json", "drop", "slow", "gzip_bomb"}
+)
+_BOMB_BLOCK: Final = 1 << 20  # bytes of whitespace per deflate block of a gzip bomb
 _IMAGE_FAULT_KINDS: Final = frozenset({"html", "truncate", "error", "slow"})
 _API_ACTIONS: Final = frozenset({"generate", "edit", "retrieve", "retrieve_batch"})
 _IMAGE_NAME: Final = re.compile(r"(\d+)\.png")
@@ -229,6 +236,15 @@ def make_png(width: int = 16, height: int = 16, rgb: tuple[int, int, int] = (255
         + _png_chunk(b"IDAT", zlib.compress(row * height))
         + _png_chunk(b"IEND", b"")
     )
+
+
+@lru_cache(maxsize=1)
+def _bomb_block() -> tuple[bytes, bytes]:
+    """A block of whitespace, and it as raw deflate ending in a full flush: after a full
+    flush deflate forgets its history, so every such block compresses to the same bytes."""
+    plain = b" " * _BOMB_BLOCK
+    compressor = zlib.compressobj(9, zlib.DEFLATED, -zlib.MAX_WBITS)
+    return plain, compressor.compress(plain) + compressor.flush(zlib.Z_FULL_FLUSH)
 
 
 def _image_png(task_id: str, index: int) -> bytes:
@@ -363,6 +379,7 @@ class _Fault:
     retry_after: float | str | None
     delay: float
     body: str | None
+    size: int
 
 
 @attrs.define
@@ -707,6 +724,7 @@ class FakeNanoBanana:
         delay: float = 0.0,
         message: str | None = None,
         body: str | None = None,
+        size: int = 1 << 30,
     ) -> None:
         """Queue a fault for the next ``times`` API requests whose body action matches."""
         if kind not in _FAULT_KINDS:
@@ -717,8 +735,10 @@ class FakeNanoBanana:
             raise ValueError(f"action must be one of {sorted(_API_ACTIONS)}, got {action!r}")
         if delay < 0:
             raise ValueError(f"delay must be >= 0, got {delay!r}")
+        if size < 0:
+            raise ValueError(f"size must be >= 0, got {size!r}")
         self._faults.append(
-            _Fault(kind, times, action, status, code, message, retry_after, delay, body)
+            _Fault(kind, times, action, status, code, message, retry_after, delay, body, size)
         )
 
     def inject_image(self, kind: str, *, times: int = 1, delay: float = 1.0) -> None:
@@ -931,6 +951,8 @@ class FakeNanoBanana:
             if request.transport is not None:
                 request.transport.close()
             return web.Response(status=500)  # never written: the transport is gone
+        if kind == "gzip_bomb":
+            return await self._gzip_bomb(request, fault.status or 200, fault.size)
         if kind == "html":
             status = fault.status or 502
             return web.Response(text=_nginx_page(status), status=status, content_type="text/html")
@@ -960,6 +982,31 @@ class FakeNanoBanana:
                 headers["Retry-After"] = _format_retry_after(fault.retry_after)
         message = fault.message or _MESSAGE_FOR_CODE.get(code, code.replace("_", " "))
         return _error_response(status, code, message, headers)
+
+    async def _gzip_bomb(self, request: web.Request, status: int, size: int) -> web.StreamResponse:
+        """Stream a gzip body that inflates to ``size`` bytes of whitespace, block by block."""
+        blocks, tail = divmod(size, _BOMB_BLOCK)
+        resp = web.StreamResponse(status=status)
+        resp.content_type = "application/json"
+        resp.headers["Content-Encoding"] = "gzip"
+        await resp.prepare(request)
+        plain, compressed = _bomb_block()
+        crc = 0
+        try:
+            await resp.write(b"\x1f\x8b\x08\x00\x00\x00\x00\x00\x02\xff")  # gzip header
+            for _ in range(blocks):
+                if self._closing.is_set():
+                    return resp
+                await resp.write(compressed)
+                crc = zlib.crc32(plain, crc)
+            last = zlib.compressobj(9, zlib.DEFLATED, -zlib.MAX_WBITS)
+            await resp.write(last.compress(b" " * tail) + last.flush())
+            crc = zlib.crc32(b" " * tail, crc)
+            await resp.write(struct.pack("<II", crc, size & 0xFFFFFFFF))
+            await resp.write_eof()
+        except (ConnectionError, RuntimeError):  # the client hung up: as it should
+            pass
+        return resp
 
     def _authorized(self, request: web.Request) -> bool:
         """Whether the request carries ``Authorization: Bearer <token>``."""

@@ -324,6 +324,15 @@ def test_default_base_url(monkeypatch: pytest.MonkeyPatch) -> None:
         ({"batch_size": 0}, "batch_size"),
         ({"poll_interval": 0}, "poll_interval"),
         ({"poll_interval": 10, "max_poll_interval": 5}, "poll_interval"),
+        ({"timeout": float("nan")}, "timeout"),
+        ({"timeout": float("inf")}, "timeout"),
+        ({"batch_size": True}, "batch_size"),
+        ({"batch_size": 2.0}, "batch_size"),
+        ({"poll_interval": float("nan")}, "poll_interval"),
+        ({"max_poll_interval": float("inf")}, "max_poll_interval"),
+        ({"not_found_grace": float("nan")}, "not_found_grace"),
+        ({"callback_poll_interval": -1}, "callback_poll_interval"),
+        ({"max_retries": True}, "max_retries"),
     ],
 )
 def test_bad_options(options: dict[str, object], argument: str) -> None:

@@ -10,7 +10,7 @@ from conftest import FIXTURES, load_fixture
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from nanobanana_async import NanoBananaError, Task, TaskBatch, TaskState
+from nanobanana_async import NanoBananaError, Submission, Task, TaskBatch, TaskState
 from nanobanana_async._converter import DecodeFailure, make_converter, structure
 from nanobanana_async._protocol import RawResponse, decode_task_items, error_for, parse_task
 
@@ -52,8 +52,64 @@ def test_strict_converter_reports_the_drift() -> None:
 def test_ints_are_numbers_but_bools_are_not() -> None:
     record = {"id": "t", "created_at": 1757183036}
     assert structure(record, Task).created_at == 1757183036.0
-    with pytest.raises(DecodeFailure, match=r"\$\.created_at"):
-        structure({"id": "t", "created_at": True}, Task)
+    with pytest.raises(DecodeFailure, match=r"\$\.response\.success"):
+        structure({"id": "t", "response": {"success": 1}}, Task)
+
+
+@pytest.mark.parametrize("bad", [None, 5, True, {"a": 1}, ["x"], 1.5])
+def test_ids_are_strict_never_stringified(bad: Any) -> None:
+    # A possibly paid task id is never replaced by str(None) or str({...}).
+    with pytest.raises(DecodeFailure, match=r"\$\.id"):
+        structure({"id": bad}, Task)
+    with pytest.raises(DecodeFailure, match=r"\$\.task_id"):
+        structure({"task_id": bad}, Submission)
+
+
+SUCCEEDED = {"id": "t", "response": {"success": True, "data": [{"image_url": "https://i/0.png"}]}}
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "read_as"),
+    [
+        ("elapsed", "11.3", 11.3),
+        ("elapsed", True, None),
+        ("created_at", "2025-09-06T18:23:56+00:00", 1757183036.0),
+        ("created_at", "yesterday", None),
+        ("finished_at", {"$date": 1}, None),
+        ("started_at", float("inf"), None),
+        ("request", "generate a cat", None),
+        ("trace_id", 42, None),
+        ("type", ["images"], None),
+    ],
+)
+def test_bookkeeping_fields_of_a_finished_task_are_lenient(
+    field: str, value: Any, read_as: Any
+) -> None:
+    # A field the client does not act on must not keep a finished task's images away.
+    task = structure({**SUCCEEDED, field: value}, Task)
+    assert getattr(task, field) == read_as
+    assert task.state is TaskState.SUCCEEDED
+    assert task.image_urls == ["https://i/0.png"]
+
+
+def test_a_null_image_beside_a_good_one_is_skipped() -> None:
+    record = {**SUCCEEDED, "response": {"success": True, "data": [None, {"image_url": "u"}]}}
+    assert structure(record, Task).image_urls == ["u"]
+
+
+@pytest.mark.parametrize(
+    ("response", "path"),
+    [
+        ({"success": True, "data": [{"image_url": 7}]}, r"\$\.response\.data\[0\]\.image_url"),
+        ({"success": True, "data": [None, "https://x"]}, r"\$\.response\.data\[1\]"),
+        ({"success": True, "data": "https://x"}, r"\$\.response\.data"),
+        ({"success": "true"}, r"\$\.response\.success"),
+        ({"success": False, "error": {"code": 403}}, r"\$\.response\.error\.code"),
+    ],
+)
+def test_what_matters_stays_strict(response: Any, path: str) -> None:
+    with pytest.raises(DecodeFailure, match=path):
+        structure({"id": "t", "response": response}, Task)
 
 
 def test_null_data_is_empty() -> None:
@@ -96,8 +152,9 @@ def malformed_records(draw: st.DrawFn) -> Any:
 @given(malformed_records())
 def test_malformed_records_raise_only_our_errors(record: Any) -> None:
     response = RawResponse(200, {}, json.dumps(record).encode())
+    asked = record.get("id") if isinstance(record, dict) else None
     try:
-        task = parse_task(response, "t")
+        task = parse_task(response, asked if isinstance(asked, str) else "t")
     except NanoBananaError:
         return
     # Whatever decodes must answer the state questions without blowing up.

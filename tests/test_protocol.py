@@ -46,6 +46,11 @@ def answer(body: Any, status: int = 200, **headers: str) -> RawResponse:
     return RawResponse(status, headers, raw)
 
 
+def record_of(body: dict[str, Any]) -> Any:
+    """The Task a ``retrieve`` of the record's own id reads from ``body``."""
+    return parse_task(answer(body), body["id"])
+
+
 # --- requests -------------------------------------------------------------------------
 
 
@@ -138,7 +143,7 @@ def test_task_ids_are_checked_and_deduplicated_in_order() -> None:
 
 
 def test_finished_record() -> None:
-    task = parse_task(answer(load_fixture("task_succeeded.json")), "x")
+    task = record_of(load_fixture("task_succeeded.json"))
     assert task.state is TaskState.SUCCEEDED
     assert task.done
     assert task.image_urls == ["https://platform.cdn.acedata.cloud/nanobanana/7e7bd000.png"]
@@ -150,7 +155,7 @@ def test_finished_record() -> None:
 @pytest.mark.parametrize("name", ["task_pending_ack.json", "task_pending_bare.json"])
 def test_pending_records_are_not_done(name: str) -> None:
     # The acknowledgment {"success": true, "task_id": ...} is not a result.
-    task = parse_task(answer(load_fixture(name)), "x")
+    task = record_of(load_fixture(name))
     assert task.state is TaskState.PENDING
     assert not task.done
     assert task.image_urls == []
@@ -166,7 +171,7 @@ def test_pending_records_are_not_done(name: str) -> None:
     ],
 )
 def test_failed_records(name: str, code: str) -> None:
-    task = parse_task(answer(load_fixture(name)), "x")
+    task = record_of(load_fixture(name))
     assert task.state is TaskState.FAILED
     assert task.done
     assert task.failure is not None
@@ -192,19 +197,19 @@ def test_batch() -> None:
 
 def test_poller_batch_decoding_isolates_a_bad_record() -> None:
     body = load_fixture("batch.json")
-    body["items"][1]["created_at"] = "yesterday"
-    with pytest.raises(ResponseDecodeError, match=r"\$\.items\[1\]\.created_at"):
+    body["items"][1]["response"] = {"success": "yes"}
+    with pytest.raises(ResponseDecodeError, match=r"\$\.items\[1\]\.response\.success"):
         parse_task_batch(answer(body))
     tasks, errors = decode_task_items(answer(body))
     assert set(tasks) == {body["items"][0]["id"], body["items"][2]["id"]}
     assert list(errors) == [body["items"][1]["id"]]
-    assert "$.items[1].created_at" in str(errors[body["items"][1]["id"]])
+    assert "$.items[1].response.success" in str(errors[body["items"][1]["id"]])
 
 
 def test_poller_batch_decoding_prefers_a_good_record_of_a_repeated_id() -> None:
     # Found by hypothesis: the same id twice, once malformed, must not be both.
     body = load_fixture("batch.json")
-    bad = {**body["items"][0], "created_at": "yesterday"}
+    bad = {**body["items"][0], "response": {"success": "yes"}}
     body["items"].append(bad)
     tasks, errors = decode_task_items(answer(body))
     assert bad["id"] in tasks
@@ -215,7 +220,7 @@ def test_wrong_type_names_the_field_path() -> None:
     record = load_fixture("task_succeeded.json")
     record["response"]["data"][0]["image_url"] = 42
     with pytest.raises(ResponseDecodeError) as info:
-        parse_task(answer(record), "x")
+        record_of(record)
     assert "$.response.data[0].image_url" in str(info.value)
     assert info.value.status == 200
     assert len(info.value.body_excerpt) <= 200
@@ -225,7 +230,7 @@ def test_unknown_fields_are_ignored() -> None:
     record = load_fixture("task_succeeded.json")
     record["brand_new_field"] = {"nested": [1, 2]}
     record["response"]["also_new"] = True
-    assert parse_task(answer(record), "x").state is TaskState.SUCCEEDED
+    assert record_of(record).state is TaskState.SUCCEEDED
 
 
 @pytest.mark.parametrize(
@@ -329,7 +334,8 @@ def test_rate_limit_reads_retry_after() -> None:
         ("3", 3.0),
         ("0.5", 0.5),
         ("-4", 0.0),
-        ("9999", 60.0),
+        ("9999", 9999.0),  # capped by RetryPolicy.wait, in one place
+        ("inf", None),
         ("soon", None),
         ("nan", None),
         ("Wed, 21 Oct 2015 07:28:10 GMT", 10.0),
@@ -373,8 +379,8 @@ def test_malformed_callbacks(body: bytes) -> None:
         APIConnectionError("refused", request_sent=False),
         APITimeoutError("no answer"),
         DownloadError("HTTP 404", url="https://cdn/x.png", status=404),
-        TaskFailedError(parse_task(answer(load_fixture("task_failed_response.json")), "x")),
-        TaskTimeoutError("abc", parse_task(answer(load_fixture("task_pending_ack.json")), "x")),
+        TaskFailedError(record_of(load_fixture("task_failed_response.json"))),
+        TaskTimeoutError("abc", record_of(load_fixture("task_pending_ack.json"))),
     ],
 )
 def test_errors_pickle(error: Exception) -> None:
