@@ -124,7 +124,7 @@ async def waiter_memory(n: int) -> None:
             poller = client._poller  # private, read for diagnosis only
             loop_stopped = poller._task is None or poller._task.done()
             still_watched = sum(1 for i in ids if poller.watching(i))
-            heap_left = len(poller._heap)
+            heap_left = len(poller._eager) + len(poller._lazy)
 
     per_parked = (parked - before) / n
     per_polled = (polled - before) / n
@@ -154,7 +154,7 @@ async def waiter_memory(n: int) -> None:
     print(
         f"cancel: {cancelled}/{n} cancelled in {cancel_seconds:.2f} s; ids still watched: "
         f"{still_watched}; poll loop stopped: {loop_stopped}; "
-        f"items left in the poller's heap (Poller._heap): {heap_left}"
+        f"items left in the poller's heaps (Poller._eager, Poller._lazy): {heap_left}"
     )
     for title, snap in (("after one poll round", snap_polled), ("after cancel", snap_after)):
         print(f"largest growths {title}, by line allocated (bytes/waiter):")

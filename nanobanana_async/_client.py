@@ -8,7 +8,15 @@ import json
 import logging
 import os
 import time
-from collections.abc import AsyncGenerator, Awaitable, Callable, Iterable, Mapping, Sequence
+from collections.abc import (
+    AsyncGenerator,
+    Awaitable,
+    Callable,
+    Coroutine,
+    Iterable,
+    Mapping,
+    Sequence,
+)
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Final, TypeVar, cast
@@ -17,7 +25,7 @@ import aiohttp
 from yarl import URL
 
 from . import _download, _protocol, _transport
-from ._checks import check_count, check_number
+from ._checks import check_count, check_number, check_timeout
 from ._concurrency import gather_or_cancel
 from ._errors import (
     APIConnectionError,
@@ -74,7 +82,8 @@ class NanoBananaClient:
         max_retries: int = 3,
         batch_size: int = 50,
         poll_interval: float = 1.0,
-        max_poll_interval: float = 5.0,
+        max_poll_interval: float = 1.5,
+        max_requests_per_second: int = 20,
         not_found_grace: float = 30.0,
         callback_poll_interval: float = 15.0,
         max_response_bytes: int = DEFAULT_MAX_RESPONSE_BYTES,
@@ -100,6 +109,9 @@ class NanoBananaClient:
             )
         not_found_grace = check_number("not_found_grace", not_found_grace, strict=False)
         callback_poll_interval = check_number("callback_poll_interval", callback_poll_interval)
+        max_requests_per_second = check_count(
+            "max_requests_per_second", max_requests_per_second, maximum=10_000
+        )
         self._max_response_bytes = check_count(
             "max_response_bytes", max_response_bytes, minimum=1024
         )
@@ -131,6 +143,7 @@ class NanoBananaClient:
             not_found_grace=not_found_grace,
             lazy_poll_interval=max(callback_poll_interval, max_poll_interval),
             retry=retry,
+            max_requests_per_second=max_requests_per_second,
         )
 
     def __repr__(self) -> str:
@@ -332,11 +345,13 @@ class NanoBananaClient:
         body = _protocol.build_retrieve_batch(ids)
         return await self._call(self._read, _protocol.TASKS_PATH, body, read)
 
-    async def _fetch_for_poller(
-        self, ids: list[str]
-    ) -> tuple[dict[str, Task], dict[str, ResponseDecodeError]]:
+    async def _fetch_for_poller(self, ids: list[str]) -> dict[str, Any]:
+        # One attempt, no retry wrapper: the poll loop owns its retries (and its pauses).
         body = _protocol.build_retrieve_batch(ids)
-        return await self._call(self._read, _protocol.TASKS_PATH, body, _protocol.decode_task_items)
+        records: dict[str, Any] = await self._exchange(
+            _protocol.TASKS_PATH, body, _protocol.batch_items
+        )
+        return records
 
     # --- callbacks --------------------------------------------------------------------
 
@@ -412,34 +427,43 @@ class NanoBananaClient:
 
     # --- waiting ----------------------------------------------------------------------
 
-    async def wait(
+    def wait(
         self,
         task: TaskRef,
         *,
         timeout: float | None = 600.0,
         on_update: OnUpdate | None = None,
-    ) -> Task:
+    ) -> Coroutine[Any, Any, Task]:
         """Wait until the task has finished; returns its record, succeeded or failed.
 
         Raises TaskTimeoutError after ``timeout`` seconds (None: no deadline), with the
         last record seen. ``on_update`` (a function or coroutine function) is called
         with the record each time it changes, at least once with the finished one.
+        Returns the poll loop's own coroutine: one frame per waiter, no wrappers.
         """
-        self._get_session()  # fail fast when closed or in the wrong loop
-        return await self._poller.wait(_target(task), timeout=timeout, on_update=on_update)
+        return self._poller.wait(
+            _target(task),
+            _itself,
+            timeout=check_timeout("timeout", timeout),
+            on_update=on_update,
+            check=self._get_session,  # closed, or in another event loop: fail fast
+        )
 
-    async def await_completion(
+    def await_completion(
         self,
         task: TaskRef,
         *,
         timeout: float | None = 600.0,
         on_update: OnUpdate | None = None,
-    ) -> list[str]:
+    ) -> Coroutine[Any, Any, list[str]]:
         """Wait for the task and return its image URLs; raises TaskFailedError if it failed."""
-        finished = await self.wait(task, timeout=timeout, on_update=on_update)
-        if finished.failure is not None:
-            raise TaskFailedError(finished)
-        return finished.image_urls
+        return self._poller.wait(
+            _target(task),
+            _image_urls,
+            timeout=check_timeout("timeout", timeout),
+            on_update=on_update,
+            check=self._get_session,
+        )
 
     def as_completed(
         self, tasks: Iterable[TaskRef], *, timeout: float | None = None
@@ -451,15 +475,32 @@ class NanoBananaClient:
         (at once with ``contextlib.aclosing``, else when the iterator is collected).
         """
         targets = [_target(task) for task in tasks]
+        timeout = check_timeout("timeout", timeout)
         self._get_session()
         return self._poller.as_completed(targets, timeout=timeout)
+
+
+def _itself(task: Task) -> Task:
+    return task
+
+
+def _image_urls(task: Task) -> list[str]:
+    """A finished task's image URLs; TaskFailedError if it failed."""
+    if task.failure is not None:
+        raise TaskFailedError(task)
+    return task.image_urls
 
 
 def _target(task: TaskRef) -> Target:
     """What the poller needs to know of anything naming a task."""
     if isinstance(task, Submission):
-        # A callback will announce it: poll it lazily.
-        return Target(_protocol.check_task_id(task.task_id), lazy=task.callback_url is not None)
+        # Just submitted: its first poll waits for it to have a chance; a callback will
+        # announce it, if it has one: poll it lazily.
+        return Target(
+            _protocol.check_task_id(task.task_id),
+            lazy=task.callback_url is not None,
+            fresh=True,
+        )
     if isinstance(task, Task):
         return Target(_protocol.check_task_id(task.id), known=task)
     return Target(_protocol.check_task_id(task))

@@ -193,9 +193,13 @@ _OVERRIDES: dict[type, dict[str, Any]] = {
 }
 
 
-def make_converter(*, forbid_extra_keys: bool = False) -> cattrs.Converter:
+def make_converter(
+    *, forbid_extra_keys: bool = False, detailed_validation: bool = True
+) -> cattrs.Converter:
     """Build a converter for our records; production uses the module's ``converter``."""
-    conv = cattrs.Converter(forbid_extra_keys=forbid_extra_keys, detailed_validation=True)
+    conv = cattrs.Converter(
+        forbid_extra_keys=forbid_extra_keys, detailed_validation=detailed_validation
+    )
 
     def list_hook(cls: Any) -> Any:
         # cattrs would iterate any iterable: a string would become a list of characters.
@@ -281,8 +285,14 @@ def make_converter(*, forbid_extra_keys: bool = False) -> cattrs.Converter:
     return conv
 
 
-#: The production converter, used for every answer.
-converter = make_converter()
+#: The production converter, used for every answer. Its records' hooks are built here,
+#: at import, not on the first answer. Errors carry no paths in this fast form: a failure
+#: is structured again by ``_explainer`` to say where (``transform_error``).
+converter = make_converter(detailed_validation=False)
+_explainer = make_converter()
+for _warm in (Submission, Task, TaskBatch, TaskResponse, ImageResult, ErrorDetail):
+    converter.get_structure_hook(_warm)
+    _explainer.get_structure_hook(_warm)
 
 _FAILURES = (
     cattrs.BaseValidationError,
@@ -306,5 +316,25 @@ def structure(
         raise DecodeFailure([f"expected an object, got {type(value).__name__} @ {path}"])
     try:
         return (conv or converter).structure(value, cls)
-    except _FAILURES as exc:
-        raise DecodeFailure(cattrs.transform_error(exc, path=path)) from None
+    except _FAILURES as failure:
+        raise DecodeFailure(_paths(_explained(failure, value, cls, conv), path)) from None
+
+
+def _explained(
+    failure: BaseException, value: Any, cls: type, conv: cattrs.Converter | None
+) -> BaseException:
+    """The fast converter says what failed, not where: ask the detailed one."""
+    if conv is not None:
+        return failure
+    try:
+        _explainer.structure(value, cls)
+    except _FAILURES as detailed:
+        return detailed
+    return failure
+
+
+def _paths(exc: BaseException, path: str) -> list[str]:
+    try:
+        return cattrs.transform_error(exc, path=path)
+    except RecursionError:
+        return [f"nested too deep @ {path}"]

@@ -1,14 +1,30 @@
 """The poll loop: every wait on one client shares it, and it reads many tasks per request.
 
-Each watched task id has one entry, shared by all its waiters, with its own next-due
-time that backs off from ``poll_interval`` to ``max_poll_interval``. When the soonest
-entry is due, a round goes out: the due entries are split into ``retrieve_batch``
-requests of ``batch_size`` ids, and the last request is topped up with the entries due
-next, since a request costs the same for 1 id or 50. So the request rate follows
-``ceil(pending / batch_size)``, not the number of waiters.
+Each watched task id has one entry, shared by all its waiters. When to poll it depends
+on its age (from the record's ``created_at`` when known, else from when its wait
+began), never on how often it was polled: a task just submitted is first read at
+``2 x poll_interval``, then every ``clamp(0.75 x age, poll_interval, max_poll_interval)``.
+Ids whose age is unknown (a bare id) are read at once, to learn it. Durations seen on
+finished records teach the loop how long tasks take, so it skips polls no young task
+could answer.
 
-The loop runs as one asyncio task, started by the first waiter and stopped when the
-last one leaves. Due times live in a heap, so a round costs work in proportion to the
+When the soonest entry is due, a round goes out: the entries due within a short window
+(``poll_interval / 4``), oldest-due first, in ``retrieve_batch`` requests of
+``batch_size`` ids, the last one topped up with the eager entries due next (a request
+costs the same for 1 id or 50). Tasks submitted together thus share requests. At most
+``max_requests_per_second`` requests go out in any one-second window, however many
+tasks are watched; what does not fit waits, oldest-due first.
+
+The loop owns its retries: each request is one attempt (``FetchBatch``) run as a task
+of its own, so a slow or hung request holds only its own ids, never the next round. A
+failed request puts only its ids back, after the loop's own backoff; a 429 pauses the
+whole loop for the longer of its ``Retry-After`` and that backoff; 401/403/404 fail
+every waiter at once (``_retry.POLL_FATAL``). A 400/413 or an unreadable answer is split
+in halves until the one id the service refuses is found: only its waiter fails.
+
+The loop runs as one asyncio task, started by the first waiter and ending when the
+last one leaves. Due times live in heaps (eager and lazy entries apart), waiters'
+deadlines in one more with a single timer, so a round costs work in proportion to the
 entries it polls, not to all entries watched.
 """
 
@@ -21,95 +37,99 @@ import inspect
 import itertools
 import logging
 import random
-from collections import OrderedDict
-from collections.abc import AsyncGenerator, Awaitable, Callable, Generator, Iterable
+import time
+from collections import OrderedDict, deque
+from collections.abc import AsyncGenerator, Awaitable, Callable, Iterable
 from typing import Any, NamedTuple, TypeVar
 
-import backoff
-
 from ._errors import (
-    AuthenticationError,
     BadRequestError,
     ClientClosedError,
     NanoBananaError,
-    NotFoundError,
-    PermissionDeniedError,
     RateLimitError,
     ResponseDecodeError,
     TaskNotFoundError,
     TaskTimeoutError,
 )
-from ._models import Task
-from ._retry import RetryPolicy
+from ._models import Task, TaskState
+from ._protocol import read_item
+from ._retry import POLL_FATAL, RetryPolicy
 
 __all__ = ["FetchBatch", "OnUpdate", "Poller", "Target", "call_on_update"]
 
 logger = logging.getLogger("nanobanana_async")
 
-#: Reads some task ids: (records by id, decode errors by id); unknown ids are absent.
-FetchBatch = Callable[
-    [list[str]], Awaitable[tuple[dict[str, Task], dict[str, ResponseDecodeError]]]
-]
+#: One poll request, one attempt, no retries: the raw records by id for these task ids
+#: (an id the service does not know is absent), or raises a NanoBananaError.
+FetchBatch = Callable[[list[str]], Awaitable[dict[str, Any]]]
 #: Called with a task's record each time it changes; may be a coroutine function.
 OnUpdate = Callable[[Task], Any]
 
 
 class Target(NamedTuple):
-    """What a wait is on: a task id, whether a callback will announce it (poll it
-    lazily), and the finished record if the caller already holds one (poll nothing)."""
+    """What a wait is on: a task id; whether a callback will announce it (poll it
+    lazily); the record if the caller holds one; and whether it was just submitted
+    (its age is about zero, so its first poll can wait for it to have a chance)."""
 
     task_id: str
     lazy: bool = False
     known: Task | None = None
+    fresh: bool = False
 
-# Errors that no retry can mend: every waiter fails with them at once.
-_FATAL = (AuthenticationError, PermissionDeniedError, NotFoundError, BadRequestError)
 
-# Each task's poll interval grows by this factor per unanswered poll, up to the cap.
-# Gentler than doubling: a round reads up to batch_size tasks for the price of one,
-# so frequent polls are cheap while the finish-to-return delay stays short.
-_GROWTH = 1.5
-_JITTER = 0.1  # +-10 %: spreads tasks submitted together without breaking batches up
-_MAX_FAILURE_WAIT = 30.0  # cap on the loop's own backoff after failed rounds
-_CONCURRENT_REQUESTS = 8  # batch requests of one round in flight at once
+_FIRST_POLL = 2.0  # x poll_interval: the age of a fresh task's first poll
+_AGE_FACTOR = 0.75  # the interval grows with age: 0.75 x age, within the bounds
+_WINDOW = 0.25  # x poll_interval: entries due this soon go out with the round
+_LEARNED = 0.8  # x the shortest recent duration: no poll of a younger task
+_DURATIONS = 32  # recent successful durations kept to learn from
+_MAX_FAILURE_WAIT = 30.0  # cap on the loop's own backoff after failed requests
+_MAX_IN_FLIGHT = 16  # requests running at once
+_GARBLED = 3  # unreadable answers in a row, for one id alone, that fail its waiters
 _RECENT_LIMIT = 1024  # callbacks remembered for waits not started yet
 
 T = TypeVar("T")
+R = TypeVar("R")
 
 
 class _Entry:
     """One watched task id, shared by all its waiters: schedule, last record, outcome.
 
-    Kept small (10,000 waiters must cost under 3 KB each): waiters park on futures of
+    Kept small (10,000 waiters must cost under 2 KB each): waiters park on futures of
     their own in ``listeners``, woken at every record change and at the outcome.
     """
 
     __slots__ = (
-        "attempt",
+        "aged",
+        "born",
         "due",
+        "garbled",
         "last",
         "lazy",
         "listeners",
         "missing_since",
         "on_settle",
         "outcome",
+        "polling",
         "refs",
         "scheduled",
         "task_id",
         "version",
     )
 
-    def __init__(self, task_id: str, lazy: bool) -> None:
+    def __init__(self, task_id: str, lazy: bool, born: float, aged: bool) -> None:
         self.task_id = task_id
         self.lazy = lazy
+        self.born = born  # loop time the task was created (or its wait began)
+        self.aged = aged  # whether ``born`` is the task's own: fresh, or from created_at
         self.refs = 0
         self.last: Task | None = None
         self.version = 0  # bumped at every change of ``last``
         self.outcome: Task | BaseException | None = None  # set once, when settled
-        self.attempt = 0  # polls so far: the index into the poller's delays
         self.due = 0.0
         self.scheduled = False  # whether a live heap item stands for this entry
+        self.polling = False  # whether a request for it is in flight
         self.missing_since: float | None = None
+        self.garbled = 0  # unreadable answers in a row to a request for it alone
         self.listeners: list[asyncio.Future[None]] | None = None
         self.on_settle: list[Callable[[_Entry], None]] | None = None
 
@@ -128,7 +148,7 @@ class _Entry:
             self.listeners.remove(future)
 
     def update(self, task: Task) -> None:
-        if task != self.last:
+        if task is not self.last and task != self.last:
             self.last = task
             self.version += 1
             self._notify()
@@ -166,9 +186,83 @@ def _result(entry: _Entry) -> Task:
     raise error
 
 
-def _expire(future: asyncio.Future[None]) -> None:
-    if not future.done():
-        future.set_result(None)
+class _Alarms:
+    """Waiters' deadlines in one heap behind one timer, instead of a timer each.
+
+    A waiter registers once with a one-item list (its slot) holding the future it
+    parks on now; at the deadline that future is resolved, and the waiter finds its
+    deadline passed. A waiter that leaves empties its slot.
+    """
+
+    def __init__(self) -> None:
+        self._heap: list[tuple[float, int, list[asyncio.Future[None] | None]]] = []
+        self._seq = itertools.count()
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_at = float("inf")
+        self._dead = 0
+
+    def add(self, loop: asyncio.AbstractEventLoop, deadline: float) -> list[Any]:
+        slot: list[asyncio.Future[None] | None] = [None]
+        heapq.heappush(self._heap, (deadline, next(self._seq), slot))
+        if deadline < self._timer_at:
+            self._arm(loop, deadline)
+        return slot
+
+    def remove(self, slot: list[Any]) -> None:
+        slot[0] = None
+        self._dead += 1
+        if self._dead > len(self._heap) // 2 + 64:
+            self._heap = [item for item in self._heap if item[2][0] is not None]
+            heapq.heapify(self._heap)
+            self._dead = 0
+
+    def _arm(self, loop: asyncio.AbstractEventLoop, when: float) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer_at = when
+        self._timer = loop.call_at(when, self._ring, loop)
+
+    def _ring(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._timer, self._timer_at = None, float("inf")
+        now = loop.time()
+        heap = self._heap
+        while heap and heap[0][0] <= now:
+            _, _, slot = heapq.heappop(heap)
+            future = slot[0]
+            if future is None:
+                self._dead = max(self._dead - 1, 0)
+            elif not future.done():
+                future.set_result(None)
+        if heap:
+            self._arm(loop, heap[0][0])
+
+    def close(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer, self._timer_at = None, float("inf")
+        self._heap.clear()
+        self._dead = 0
+
+
+class _Budget:
+    """At most ``rate`` requests in any one-second window (a sliding log of send times)."""
+
+    def __init__(self, rate: int) -> None:
+        self._rate = rate
+        self._sent: deque[float] = deque()
+
+    def available(self, now: float) -> int:
+        sent = self._sent
+        while sent and now - sent[0] >= 1.0:
+            sent.popleft()
+        return self._rate - len(sent)
+
+    def next_free(self) -> float:
+        """When the oldest send in the window leaves it (call when none is available)."""
+        return self._sent[0] + 1.0
+
+    def spend(self, now: float) -> None:
+        self._sent.append(now)
 
 
 class Poller:
@@ -184,6 +278,7 @@ class Poller:
         not_found_grace: float,
         lazy_poll_interval: float,
         retry: RetryPolicy,
+        max_requests_per_second: int = 20,
     ) -> None:
         self._fetch = fetch
         self._batch_size = batch_size
@@ -192,33 +287,49 @@ class Poller:
         self._not_found_grace = not_found_grace
         self._lazy_poll_interval = lazy_poll_interval
         self._retry = retry
+        self._window = poll_interval * _WINDOW
+        self._budget = _Budget(max_requests_per_second)
         self._entries: dict[str, _Entry] = {}
-        self._heap: list[tuple[float, int, _Entry]] = []
+        self._eager: list[tuple[float, int, _Entry]] = []
+        self._lazy: list[tuple[float, int, _Entry]] = []
+        self._splits: deque[list[_Entry]] = deque()  # refused batches, in halves
         self._seq = itertools.count()
+        self._alarms = _Alarms()
         self._task: asyncio.Task[None] | None = None
+        self._requests: set[asyncio.Task[None]] = set()
         self._wakeup: asyncio.Event | None = None
         self._sleeping_until = float("inf")
         self._paused_until = 0.0
-        self._failure_delays: Generator[float, Any, None] | None = None
+        self._failures = 0  # failed requests in a row: the loop's backoff exponent
+        self._durations: deque[float] = deque(maxlen=_DURATIONS)
+        self._shortest: float | None = None
         self._closed = False
         self._recent: OrderedDict[str, Task] = OrderedDict()
         self._announced: OrderedDict[str, None] = OrderedDict()  # see expedite()
-        # Every task follows the same backoff schedule: computed once from backoff's
-        # generator, each entry keeps only its index into it.
-        self._delays = _schedule_of(
-            backoff.expo(base=_GROWTH, factor=poll_interval, max_value=max_poll_interval),
-            max_poll_interval,
-        )
 
     # --- waiters --------------------------------------------------------------------
 
     async def wait(
-        self, target: Target, *, timeout: float | None, on_update: OnUpdate | None = None
-    ) -> Task:
-        """The finished record of the target task; raises TaskTimeoutError at the deadline."""
+        self,
+        target: Target,
+        then: Callable[[Task], R],
+        *,
+        timeout: float | None,
+        on_update: OnUpdate | None = None,
+        check: Callable[[], object] | None = None,
+    ) -> R:
+        """``then`` of the target task's finished record; TaskTimeoutError at the deadline.
+
+        ``then`` (the record itself, or its image URLs) runs in this same coroutine:
+        one frame per waiter. ``check`` runs first, in the event loop (the client's
+        closed and loop checks).
+        """
+        if check is not None:
+            check()
         loop = asyncio.get_running_loop()
+        entry = self._acquire(target, loop)
         deadline = None if timeout is None else loop.time() + timeout
-        entry = self._acquire(target)
+        slot = None if deadline is None else self._alarms.add(loop, deadline)
         seen = 0
         try:
             while True:
@@ -230,29 +341,33 @@ class Poller:
                         raise TaskTimeoutError(entry.task_id, entry.last, timeout=timeout) from None
                     continue  # the record may have changed again meanwhile
                 if entry.outcome is not None:
-                    return _result(entry)
+                    return then(_result(entry))
                 if deadline is not None and loop.time() >= deadline:
                     raise TaskTimeoutError(entry.task_id, entry.last, timeout=timeout)
                 change = entry.next_change(loop)
-                alarm = None if deadline is None else loop.call_at(deadline, _expire, change)
+                if slot is not None:
+                    slot[0] = change
                 try:
                     await change
                 finally:
-                    if alarm is not None:
-                        alarm.cancel()
                     if change.cancelled():
                         entry.drop(change)
         finally:
-            await self._release(entry)
+            if slot is not None:
+                self._alarms.remove(slot)
+            self._release(entry)
+            if not self._entries:
+                await self._stop()
 
     async def as_completed(
         self, targets: Iterable[Target], *, timeout: float | None
     ) -> AsyncGenerator[Task, None]:
         """Yield each task's finished record once, in the order they finish."""
+        loop = asyncio.get_running_loop()
         entries: dict[str, _Entry] = {}
         for target in targets:
             if target.task_id not in entries:
-                entries[target.task_id] = self._acquire(target)
+                entries[target.task_id] = self._acquire(target, loop)
         finished: asyncio.Queue[_Entry] = asyncio.Queue()
         for entry in entries.values():
             if entry.outcome is not None:
@@ -261,7 +376,6 @@ class Poller:
                 entry.on_settle = [finished.put_nowait]
             else:
                 entry.on_settle.append(finished.put_nowait)
-        loop = asyncio.get_running_loop()
         deadline = None if timeout is None else loop.time() + timeout
         try:
             while entries:
@@ -272,13 +386,15 @@ class Poller:
                     pending = next(iter(entries.values()))
                     raise TaskTimeoutError(pending.task_id, pending.last, timeout=timeout) from None
                 del entries[entry.task_id]
-                await self._release(entry)
+                self._release(entry)
                 yield _result(entry)
         finally:
             for entry in entries.values():
                 if entry.on_settle is not None and finished.put_nowait in entry.on_settle:
                     entry.on_settle.remove(finished.put_nowait)
-                await self._release(entry)
+                self._release(entry)
+            if not self._entries:
+                await self._stop()
 
     def feed(self, task: Task, *, remember: bool = False) -> bool:
         """Offer a record seen elsewhere (a callback); True if it finished a watched task.
@@ -308,8 +424,8 @@ class Poller:
             _remember(self._announced, task_id, None)
             return
         entry.lazy = False
-        entry.attempt = 0
-        self._schedule(entry, asyncio.get_running_loop().time())
+        if not entry.polling:
+            self._schedule(entry, asyncio.get_running_loop().time())
 
     def watching(self, task_id: str) -> bool:
         """Whether some waiter is waiting on ``task_id``."""
@@ -321,22 +437,23 @@ class Poller:
         for entry in list(self._entries.values()):
             self._fail(entry, ClientClosedError("the client was closed during the wait"))
         await self._stop()
+        self._alarms.close()
 
     # --- bookkeeping ----------------------------------------------------------------
 
-    def _acquire(self, target: Target) -> _Entry:
+    def _acquire(self, target: Target, loop: asyncio.AbstractEventLoop) -> _Entry:
         if self._closed:
             raise ClientClosedError("the client is closed")
-        loop = asyncio.get_running_loop()
-        task_id, lazy, known = target
+        task_id, lazy, known, fresh = target
+        now = loop.time()
         entry = self._entries.get(task_id)
+        finished = known if known is not None and known.done else None
         if entry is None:
             if task_id in self._announced:
                 del self._announced[task_id]
                 lazy = False
-            entry = _Entry(task_id, lazy)
+            entry = _Entry(task_id, lazy, now, fresh)
             # A finished record already in hand (the caller's, or a callback's): no polling.
-            finished = known if known is not None and known.done else None
             finished = self._recent.pop(task_id, None) or finished
             if finished is not None:
                 entry.refs += 1
@@ -344,9 +461,18 @@ class Poller:
                 entry.settle(finished)
                 return entry
             self._entries[task_id] = entry
-            self._schedule(entry, loop.time())
+            if known is not None:
+                self._age(entry, known, now)
+                entry.update(known)
+                self._schedule(entry, now)
+            elif fresh or lazy:
+                self._schedule(entry, now)
+            else:
+                self._push(entry, now)  # an id of unknown age: read it now, to learn its age
         else:
             entry.lazy = entry.lazy and lazy  # one eager waiter is enough to poll eagerly
+            if finished is not None:
+                self._finish(entry, finished)  # the record in hand settles everyone now
         entry.refs += 1
         if self._task is None or self._task.done():
             self._wakeup = asyncio.Event()
@@ -354,32 +480,39 @@ class Poller:
             self._task = loop.create_task(self._run(), name="nanobanana-async poller")
         return entry
 
-    async def _release(self, entry: _Entry) -> None:
+    def _release(self, entry: _Entry) -> None:
         entry.refs -= 1
         if entry.refs == 0 and self._entries.get(entry.task_id) is entry:
             self._forget(entry)
-        if not self._entries:
-            await self._stop()
 
     async def _stop(self) -> None:
-        self._heap.clear()  # only stale items can be left: let their entries go
+        """Nothing is watched: end the loop and the requests still in flight."""
+        self._eager.clear()  # only stale items can be left: let their entries go
+        self._lazy.clear()
+        self._splits.clear()
         task, self._task = self._task, None
-        if task is not None and not task.done():
-            task.cancel()
-            await asyncio.wait([task])
+        running = [job for job in (*self._requests, task) if job is not None and not job.done()]
+        for job in running:
+            job.cancel()
+        if running:
+            await asyncio.wait(running)
 
     def _forget(self, entry: _Entry) -> None:
         del self._entries[entry.task_id]
         entry.scheduled = False  # its heap item, if any, is skipped when popped
-        # Rebuild the heap once stale items outnumber live ones, so forgotten entries
-        # (timed out, cancelled, finished by a callback) do not pile up in it.
-        if len(self._heap) > 2 * len(self._entries) + 64:
-            self._heap = [item for item in self._heap if _live(item)]
-            heapq.heapify(self._heap)
+        # Rebuild the heaps once stale items outnumber live ones, so forgotten entries
+        # (timed out, cancelled, finished by a callback) do not pile up in them.
+        if len(self._eager) + len(self._lazy) > 2 * len(self._entries) + 64:
+            self._eager = [item for item in self._eager if _live(item)]
+            self._lazy = [item for item in self._lazy if _live(item)]
+            heapq.heapify(self._eager)
+            heapq.heapify(self._lazy)
 
     def _finish(self, entry: _Entry, task: Task) -> None:
         if self._entries.get(entry.task_id) is entry:
             self._forget(entry)
+        if task.state is TaskState.SUCCEEDED:
+            self._learn(task)
         entry.update(task)
         entry.settle(task)
 
@@ -388,45 +521,85 @@ class Poller:
             self._forget(entry)
         entry.settle(error)
 
+    def _live_entry(self, entry: _Entry) -> bool:
+        return self._entries.get(entry.task_id) is entry
+
+    # --- schedule -------------------------------------------------------------------
+
+    def _age(self, entry: _Entry, task: Task, now: float) -> None:
+        """Date the entry from its record's ``created_at`` (the service's clock)."""
+        created = task.created_at
+        if created is None or entry.aged:
+            return
+        age = time.time() - created
+        if 0 <= age < 86400:  # a clock skewed into the future, or nonsense, is ignored
+            entry.born = min(entry.born, now - age)
+            entry.aged = True
+
+    def _learn(self, task: Task) -> None:
+        """Keep how long a task took, to skip polls no younger task could answer."""
+        if task.created_at is None or task.finished_at is None:
+            return
+        took = task.finished_at - task.created_at
+        if 0 < took < 3600:
+            self._durations.append(took)
+            self._shortest = min(self._durations)
+
     def _schedule(self, entry: _Entry, now: float, delay: float | None = None) -> None:
-        if delay is None:
-            if entry.lazy:
-                delay = self._lazy_poll_interval
+        """Put the entry back in its heap: after ``delay``, else by its age."""
+        if delay is not None:
+            due = now + delay
+        elif entry.lazy:
+            due = now + self._lazy_poll_interval
+        else:
+            age = now - entry.born
+            first = _FIRST_POLL * self._poll_interval
+            if entry.aged and age < first:
+                due = entry.born + first
             else:
-                delays = self._delays
-                delay = delays[min(entry.attempt, len(delays) - 1)]
-                delay *= random.uniform(1 - _JITTER, 1 + _JITTER)
-                delay = min(max(delay, self._poll_interval), self._max_poll_interval)
-            entry.attempt += 1
-        entry.due = now + delay
+                interval = min(
+                    max(_AGE_FACTOR * age, self._poll_interval), self._max_poll_interval
+                )
+                due = now + interval
+            if entry.aged and self._shortest is not None:
+                due = max(due, entry.born + _LEARNED * self._shortest)
+        self._push(entry, due)
+
+    def _push(self, entry: _Entry, due: float) -> None:
+        entry.due = due
         entry.scheduled = True
-        heapq.heappush(self._heap, (entry.due, next(self._seq), entry))
-        if entry.due < self._sleeping_until and self._wakeup is not None:
+        heap = self._lazy if entry.lazy else self._eager
+        heapq.heappush(heap, (due, next(self._seq), entry))
+        if due < self._sleeping_until:
+            self._wake()
+
+    def _wake(self) -> None:
+        if self._wakeup is not None:
             self._wakeup.set()
 
-    def _peek(self) -> _Entry | None:
-        heap = self._heap
+    def _peek(self, heap: list[tuple[float, int, _Entry]]) -> _Entry | None:
         while heap:
             if _live(heap[0]):
                 return heap[0][2]
             heapq.heappop(heap)  # stale: forgotten or rescheduled since
         return None
 
-    def _take_round(self, now: float) -> list[list[_Entry]]:
-        """Pop the due entries, topped up with the next due, cut into batches."""
-        taken: list[_Entry] = []
-        while (entry := self._peek()) is not None and entry.due <= now:
-            heapq.heappop(self._heap)
-            entry.scheduled = False
-            taken.append(entry)
-        room = -len(taken) % self._batch_size
-        while room and (entry := self._peek()) is not None:
-            heapq.heappop(self._heap)
-            entry.scheduled = False
-            taken.append(entry)
-            room -= 1
-        size = self._batch_size
-        return [taken[i : i + size] for i in range(0, len(taken), size)]
+    def _pop_due(self, limit: float) -> _Entry | None:
+        """The soonest entry of either heap if due by ``limit``, taken off its heap."""
+        eager, lazy = self._peek(self._eager), self._peek(self._lazy)
+        if eager is None or (lazy is not None and lazy.due < eager.due):
+            eager, heap = lazy, self._lazy
+        else:
+            heap = self._eager
+        if eager is None or eager.due > limit:
+            return None
+        heapq.heappop(heap)
+        eager.scheduled = False
+        return eager
+
+    def _soonest(self) -> float:
+        due = [entry.due for entry in (self._peek(self._eager), self._peek(self._lazy)) if entry]
+        return min(due, default=float("inf"))
 
     # --- the loop -------------------------------------------------------------------
 
@@ -440,16 +613,62 @@ class Poller:
 
     async def _rounds(self) -> None:
         loop = asyncio.get_running_loop()
-        limit = asyncio.Semaphore(_CONCURRENT_REQUESTS)
         while self._entries:
             now = loop.time()
-            entry = self._peek()
-            wake_at = max(entry.due if entry is not None else float("inf"), self._paused_until)
+            wake_at = self._next_round(now)
             if wake_at > now:
                 await self._sleep_until(wake_at)
                 continue
-            batches = self._take_round(now)
-            await asyncio.gather(*(self._poll(batch, limit) for batch in batches))
+            self._send_round(now, loop)
+
+    def _next_round(self, now: float) -> float:
+        """When the next request may go out: ``now``, or a time to sleep until."""
+        if self._paused_until > now:
+            return self._paused_until
+        soonest = now if self._splits else self._soonest()
+        if soonest > now:
+            return soonest
+        if len(self._requests) >= _MAX_IN_FLIGHT:
+            return float("inf")  # woken when a request ends
+        if self._budget.available(now) <= 0:
+            return self._budget.next_free()
+        return now
+
+    def _send_round(self, now: float, loop: asyncio.AbstractEventLoop) -> None:
+        """Send what is due: refused batches' halves first, then the oldest-due entries."""
+        budget = self._budget
+        slots = min(budget.available(now), _MAX_IN_FLIGHT - len(self._requests))
+        batches: list[list[_Entry]] = []
+        while self._splits and len(batches) < slots:
+            half = [entry for entry in self._splits.popleft() if self._live_entry(entry)]
+            if half:
+                batches.append(half)
+        size = self._batch_size
+        room = (slots - len(batches)) * size
+        taken: list[_Entry] = []
+        while len(taken) < room and (entry := self._pop_due(now + self._window)) is not None:
+            taken.append(entry)
+        if taken:
+            # A request costs the same for 1 id or 50: fill the last with eager entries
+            # due next (never lazy ones: a callback will announce those).
+            spare = -len(taken) % size
+            while spare and (entry := self._peek(self._eager)) is not None:
+                heapq.heappop(self._eager)
+                entry.scheduled = False
+                taken.append(entry)
+                spare -= 1
+            batches.extend(taken[i : i + size] for i in range(0, len(taken), size))
+        for batch in batches:
+            for entry in batch:
+                entry.polling = True
+            budget.spend(now)
+            request = loop.create_task(self._request(batch))
+            self._requests.add(request)
+            request.add_done_callback(self._request_done)
+
+    def _request_done(self, request: asyncio.Task[None]) -> None:
+        self._requests.discard(request)
+        self._wake()
 
     async def _sleep_until(self, when: float) -> None:
         assert self._wakeup is not None
@@ -465,62 +684,110 @@ class Poller:
             if handle is not None:
                 handle.cancel()
 
-    async def _poll(self, batch: list[_Entry], limit: asyncio.Semaphore) -> None:
-        loop = asyncio.get_running_loop()
-        async with limit:
-            batch = [entry for entry in batch if self._entries.get(entry.task_id) is entry]
-            if not batch:
-                return
-            try:
-                tasks, errors = await self._fetch([entry.task_id for entry in batch])
-            except _FATAL as exc:
-                logger.error("polling stopped: %s", exc)
-                for entry in list(self._entries.values()):
-                    self._fail(entry, exc)
-                return
-            except NanoBananaError as exc:
-                self._round_failed(batch, exc, loop.time())
-                return
-        self._failure_delays = None
-        now = loop.time()
-        for entry in batch:
-            if self._entries.get(entry.task_id) is not entry:
-                continue  # its waiters left, or a callback finished it, during the request
-            task = tasks.get(entry.task_id)
-            if task is not None:
-                entry.missing_since = None
-                if task.done:
-                    self._finish(entry, task)
-                else:
-                    entry.update(task)
-                    self._schedule(entry, now)
-            elif entry.task_id in errors:
-                self._fail(entry, errors[entry.task_id])
-            else:
-                # The service may not list a just-submitted id yet: give it some grace.
-                if entry.missing_since is None:
-                    entry.missing_since = now
-                if now - entry.missing_since >= self._not_found_grace:
-                    self._fail(entry, TaskNotFoundError(entry.task_id))
-                else:
-                    self._schedule(entry, now)
+    # --- one request ----------------------------------------------------------------
 
-    def _round_failed(self, batch: list[_Entry], exc: NanoBananaError, now: float) -> None:
-        """Put a failed request's entries back, later; a 429 pauses the whole loop."""
-        if self._failure_delays is None:
-            self._failure_delays = backoff.expo(
-                factor=self._poll_interval,
-                max_value=max(self._max_poll_interval, _MAX_FAILURE_WAIT),
-            )
-            next(self._failure_delays)
-        delay = max(self._poll_interval, backoff.full_jitter(next(self._failure_delays)))
+    async def _request(self, batch: list[_Entry]) -> None:
+        """One attempt for one batch; whatever happens, only its entries are affected."""
+        try:
+            records = await self._fetch([entry.task_id for entry in batch])
+        except asyncio.CancelledError:
+            raise
+        except POLL_FATAL as exc:
+            logger.error("polling stopped: %s", exc)
+            for entry in list(self._entries.values()):
+                self._fail(entry, exc)
+            return
+        except (BadRequestError, ResponseDecodeError) as exc:
+            self._refused(batch, exc)
+            return
+        except NanoBananaError as exc:
+            self._request_failed(batch, exc)
+            return
+        except Exception as exc:  # a bug: fail this batch's waiters, not the loop
+            logger.exception("a poll request failed unexpectedly")
+            for entry in batch:
+                entry.polling = False
+                if self._live_entry(entry):
+                    self._fail(entry, exc)
+            return
+        self._failures = 0
+        now = asyncio.get_running_loop().time()
+        for entry in batch:
+            entry.polling = False
+            if not self._live_entry(entry):
+                continue  # its waiters left, or a callback finished it, meanwhile
+            try:
+                self._take(entry, records.get(entry.task_id), now)
+            except Exception as exc:  # a bug on one record fails its task only
+                logger.exception("reading the record of task %r failed", entry.task_id)
+                self._fail(entry, exc)
+
+    def _take(self, entry: _Entry, raw: Any, now: float) -> None:
+        """What one answer says of one entry: a change, the outcome, or nothing yet."""
+        if raw is None:
+            # The service may not list a just-submitted id yet: give it some grace.
+            if entry.missing_since is None:
+                entry.missing_since = now
+            if now - entry.missing_since >= self._not_found_grace:
+                self._fail(entry, TaskNotFoundError(entry.task_id))
+            else:
+                self._schedule(entry, now)
+            return
+        entry.missing_since = None
+        entry.garbled = 0
+        try:
+            task = read_item(raw, entry.last, entry.task_id)
+        except ResponseDecodeError as exc:
+            self._fail(entry, exc)
+            return
+        if task.done:
+            self._finish(entry, task)
+            return
+        if not entry.aged:
+            self._age(entry, task, now)
+        entry.update(task)
+        self._schedule(entry, now)
+
+    def _refused(self, batch: list[_Entry], exc: NanoBananaError) -> None:
+        """A 400/413 or an unreadable answer: find the id the service refuses by halves.
+
+        A 400/413 for one id alone fails its waiters at once. An unreadable answer may
+        be a passing fault (a proxy's page), so one id alone is retried, with backoff,
+        until its answers were unreadable ``_GARBLED`` times in a row.
+        """
+        live = [entry for entry in batch if self._live_entry(entry)]
+        for entry in batch:
+            entry.polling = False
+        if len(live) == 1:
+            entry = live[0]
+            entry.garbled += 1
+            if isinstance(exc, BadRequestError) or entry.garbled >= _GARBLED:
+                self._fail(entry, exc)
+            else:
+                self._request_failed(live, exc)
+            return
+        if not live:
+            return
+        logger.warning("a poll request was refused (%s); splitting it to find why", exc)
+        middle = len(live) // 2
+        self._splits.extend((live[:middle], live[middle:]))
+        self._wake()
+
+    def _request_failed(self, batch: list[_Entry], exc: NanoBananaError) -> None:
+        """Put a failed request's entries back, after the loop's backoff; a 429 pauses
+        the whole loop for the longer of its Retry-After and that backoff."""
+        now = asyncio.get_running_loop().time()
+        self._failures += 1
+        delay = min(self._poll_interval * 2.0 ** min(self._failures - 1, 32), _MAX_FAILURE_WAIT)
+        delay *= random.uniform(1.0, 1.25)  # the floor holds; spread only upwards
         if isinstance(exc, RateLimitError):
             if exc.retry_after is not None:
                 delay = max(delay, min(exc.retry_after, self._retry.max_retry_after))
             self._paused_until = max(self._paused_until, now + delay)
         logger.warning("poll request failed, retrying in %.1f s: %s", delay, exc)
         for entry in batch:
-            if self._entries.get(entry.task_id) is entry:
+            entry.polling = False
+            if self._live_entry(entry):
                 self._schedule(entry, now, delay)
 
 
@@ -536,17 +803,6 @@ def _live(item: tuple[float, int, _Entry]) -> bool:
     """Whether a heap item still stands for its entry's schedule."""
     due, _, entry = item
     return entry.scheduled and entry.due == due
-
-
-def _schedule_of(waits: Generator[float, Any, None], cap: float) -> list[float]:
-    """The waits a backoff generator yields, up to the first that reaches ``cap``."""
-    next(waits)  # backoff's generators start with a bare yield
-    schedule: list[float] = []
-    for wait in waits:
-        schedule.append(min(wait, cap))
-        if wait >= cap or len(schedule) >= 64:
-            return schedule
-    return schedule
 
 
 async def call_on_update(

@@ -40,18 +40,19 @@ __all__ = [
     "IMAGES_PATH",
     "TASKS_PATH",
     "RawResponse",
+    "batch_items",
     "build_retrieve",
     "build_retrieve_batch",
     "build_submission",
     "check_task_id",
     "check_task_ids",
     "decipher",
-    "decode_task_items",
     "error_for",
     "parse_retry_after",
     "parse_submission",
     "parse_task",
     "parse_task_batch",
+    "read_item",
     "task_from_callback",
     "trace_id_of",
 ]
@@ -470,27 +471,76 @@ def _text_excerpt(payload: object) -> str:
         return f"<a deeply nested {type(payload).__name__}>"
 
 
-def decode_task_items(
-    response: RawResponse,
-) -> tuple[dict[str, Task], dict[str, ResponseDecodeError]]:
-    """A ``retrieve_batch`` answer decoded record by record, for the poller.
+def batch_items(response: RawResponse) -> dict[str, Any]:
+    """A ``retrieve_batch`` answer as raw records by task id, for the poll loop.
 
-    One malformed record must not fail every other task in the batch: good records
-    come back in the first dict, and a decode error per bad record (whose id can be
-    read) in the second. A body that is not a batch at all raises.
+    The poll loop decodes each record with :func:`read_item` on its own, so one bad
+    record fails only its own task. Items with no id string cannot belong to anyone
+    and are dropped; a repeated id keeps its first record. A body that is not a batch
+    at all raises.
     """
-    payload = decipher(response)
-    tasks: dict[str, Task] = {}
-    errors: dict[str, ResponseDecodeError] = {}
-    for index, item in enumerate(_items(payload, response)):
-        try:
-            task = _record(item, response, f"$.items[{index}]")
-        except ResponseDecodeError as error:
-            task_id = _wire_id(item.get("id")) if isinstance(item, dict) else None
-            if task_id is not None:
-                errors[task_id] = error
-            continue
-        tasks[task.id] = task
-    for task_id in tasks.keys() & errors.keys():
-        del errors[task_id]  # a repeated id: its good record stands
-    return tasks, errors
+    records: dict[str, Any] = {}
+    for item in _items(decipher(response), response):
+        task_id = item.get("id") if type(item) is dict else None
+        if type(task_id) is str and task_id not in records:
+            records[task_id] = item
+    return records
+
+
+def read_item(raw: dict[str, Any], previous: Task | None, task_id: str, status: int = 200) -> Task:
+    """The record of ``task_id`` from a batch item; ``previous`` itself if it still holds.
+
+    Most answers a poll loop reads are pending records that did not change since the
+    last poll: those are recognised without structuring them again. Otherwise the item
+    is structured, sharing the waiter's id string so thousands of kept records stay
+    small. Raises ResponseDecodeError for a malformed record.
+    """
+    if previous is not None and _unchanged(raw, previous):
+        return previous
+    raw["id"] = task_id  # equal (the batch was keyed by it); the waiter's own string object
+    response = raw.get("response")
+    if type(response) is dict and response.get("task_id") == task_id:
+        response["task_id"] = task_id
+    try:
+        return structure(raw, Task, path=f"$.items[id={task_id}]")
+    except DecodeFailure as failure:
+        raise ResponseDecodeError(
+            f"unexpected record for task {task_id!r}: {failure}",
+            status=status,
+            body_excerpt=_text_excerpt(raw),
+        ) from None
+
+
+def _same(wire: Any, kept: Any) -> bool:
+    # The same value and type: a wire 1 is not the True or the 1.0 a record keeps.
+    return wire is kept or (type(wire) is type(kept) and wire == kept)
+
+
+def _unchanged(raw: dict[str, Any], task: Task) -> bool:
+    """Whether structuring ``raw`` would give ``task`` again: a pending record that did
+    not move. Conservative: any doubt answers False, and the record is structured."""
+    if raw.get("error") is not None or task.error is not None:
+        return False
+    if not (
+        _same(raw.get("created_at"), task.created_at)
+        and _same(raw.get("started_at"), task.started_at)
+        and _same(raw.get("finished_at"), task.finished_at)
+        and _same(raw.get("elapsed"), task.elapsed)
+        and _same(raw.get("trace_id"), task.trace_id)
+        and _same(raw.get("type"), task.type)
+        and _same(raw.get("request"), task.request)
+    ):
+        return False
+    response, kept = raw.get("response"), task.response
+    if response is None or kept is None:
+        return response is None and kept is None
+    return (
+        type(response) is dict
+        and not response.get("data")
+        and not kept.data
+        and response.get("error") is None
+        and kept.error is None
+        and response.get("success") is kept.success
+        and _same(response.get("task_id"), kept.task_id)
+        and _same(response.get("trace_id"), kept.trace_id)
+    )

@@ -27,16 +27,17 @@ from nanobanana_async import (
 )
 from nanobanana_async._protocol import (
     RawResponse,
+    batch_items,
     build_retrieve,
     build_retrieve_batch,
     build_submission,
     check_task_ids,
-    decode_task_items,
     error_for,
     parse_retry_after,
     parse_submission,
     parse_task,
     parse_task_batch,
+    read_item,
     task_from_callback,
 )
 
@@ -200,20 +201,34 @@ def test_poller_batch_decoding_isolates_a_bad_record() -> None:
     body["items"][1]["response"] = {"success": "yes"}
     with pytest.raises(ResponseDecodeError, match=r"\$\.items\[1\]\.response\.success"):
         parse_task_batch(answer(body))
-    tasks, errors = decode_task_items(answer(body))
-    assert set(tasks) == {body["items"][0]["id"], body["items"][2]["id"]}
-    assert list(errors) == [body["items"][1]["id"]]
-    assert "$.items[1].response.success" in str(errors[body["items"][1]["id"]])
+    records = batch_items(answer(body))
+    assert list(records) == [item["id"] for item in body["items"]]
+    good = [read_item(records[item["id"]], None, item["id"]) for item in (body["items"][0], body["items"][2])]
+    assert [task.state for task in good] == [TaskState.SUCCEEDED, TaskState.FAILED]
+    bad_id = body["items"][1]["id"]
+    with pytest.raises(ResponseDecodeError, match=r"response\.success") as info:
+        read_item(records[bad_id], None, bad_id)
+    assert bad_id in str(info.value)
 
 
-def test_poller_batch_decoding_prefers_a_good_record_of_a_repeated_id() -> None:
-    # Found by hypothesis: the same id twice, once malformed, must not be both.
+def test_poller_batch_keeps_the_first_record_of_a_repeated_id_and_drops_id_less_items() -> None:
     body = load_fixture("batch.json")
-    bad = {**body["items"][0], "response": {"success": "yes"}}
-    body["items"].append(bad)
-    tasks, errors = decode_task_items(answer(body))
-    assert bad["id"] in tasks
-    assert not errors
+    first = body["items"][0]
+    body["items"] += [{**first, "trace_id": "second"}, {"no": "id"}, {"id": 5}, "junk"]
+    records = batch_items(answer(body))
+    assert list(records) == [item["id"] for item in body["items"][:3]]
+    assert records[first["id"]]["trace_id"] == first["trace_id"]
+
+
+def test_an_unchanged_pending_record_is_not_structured_again() -> None:
+    raw = load_fixture("task_pending_ack.json")
+    task_id = raw["id"]
+    first = read_item(json.loads(json.dumps(raw)), None, task_id)
+    assert read_item(json.loads(json.dumps(raw)), first, task_id) is first
+    moved = {**json.loads(json.dumps(raw)), "started_at": 1757183037.0}
+    again = read_item(moved, first, task_id)
+    assert again is not first
+    assert again.started_at == 1757183037.0
 
 
 def test_wrong_type_names_the_field_path() -> None:

@@ -333,7 +333,8 @@ async def test_cancelled_waits_leave_nothing_in_the_schedule(
         waiter.cancel()
     await asyncio.gather(*waiters, return_exceptions=True)
     assert not client._poller._entries
-    assert not client._poller._heap
+    assert not client._poller._eager
+    assert not client._poller._lazy
 
 
 async def test_timed_out_entries_do_not_pile_up_while_the_loop_runs(
@@ -347,7 +348,7 @@ async def test_timed_out_entries_do_not_pile_up_while_the_loop_runs(
         )
     poller = client._poller
     assert len(poller._entries) == 1
-    assert len(poller._heap) <= 2 * len(poller._entries) + 64
+    assert len(poller._eager) + len(poller._lazy) <= 2 * len(poller._entries) + 64
     keeper.cancel()
     await asyncio.gather(keeper, return_exceptions=True)
 
