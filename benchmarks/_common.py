@@ -172,6 +172,12 @@ class RemoteFake:
         """Clear the server's request counters."""
         await self.call("reset")
 
+    async def inject_image(self, kind: str, **options: Any) -> None:
+        """Queue an image-listener fault (``FakeNanoBanana.inject_image``) in the child."""
+        answer = await self.call("inject_image", kind=kind, options=options)
+        if "error" in answer:
+            raise RuntimeError(answer["error"])
+
 
 async def _serve(options: dict[str, Any]) -> None:
     """The child: run a FakeNanoBanana and answer the parent's commands until ``quit``."""
@@ -221,6 +227,13 @@ async def _serve(options: dict[str, Any]) -> None:
             elif op == "reset":
                 server.reset_counts()
                 answer({})
+            elif op == "inject_image":
+                try:
+                    server.inject_image(command["kind"], **command["options"])
+                except (TypeError, ValueError) as exc:
+                    answer({"error": str(exc)})
+                else:
+                    answer({})
             else:
                 answer({"error": f"unknown op {op!r}"})
 

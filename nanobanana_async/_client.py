@@ -24,7 +24,7 @@ from typing import Any, Final, TypeVar, cast
 import aiohttp
 from yarl import URL
 
-from . import _download, _protocol, _transport
+from . import _addresses, _download, _protocol, _transport
 from ._checks import check_count, check_number, check_timeout
 from ._concurrency import gather_or_cancel
 from ._errors import (
@@ -67,9 +67,11 @@ class NanoBananaClient:
 
     Use it as ``async with NanoBananaClient() as client:`` or call :meth:`aclose`. It
     creates its aiohttp session on first use inside the running loop, or borrows
-    ``session``, which it then never closes. A borrowed session's own default headers
-    go with every request it makes, image downloads included: do not give it one that
-    carries credentials.
+    ``session``, which it then never closes. Its own session keeps no cookies (so an
+    image host's cookie never reaches the API) and never connects to a link-local
+    address that a DNS name points at. A borrowed session's own default headers and
+    cookie jar serve every request it makes, image downloads included: do not give it
+    one that carries credentials, and give it ``aiohttp.DummyCookieJar()``.
     """
 
     def __init__(
@@ -135,6 +137,7 @@ class NanoBananaClient:
         self._retry = retry
         self._read: _Exchange = retrying(self._exchange, retry, is_retryable_read)
         self._submit: _Exchange = retrying(self._exchange, retry, is_retryable_submission)
+        self._downloads = _download.InFlight()
         self._poller = Poller(
             self._fetch_for_poller,
             batch_size=batch_size,
@@ -186,6 +189,8 @@ class NanoBananaClient:
             return
         self._closed = True
         await self._poller.aclose()
+        # Before the session: aiohttp leaves a body read hanging when its session closes.
+        await self._downloads.aclose()
         session, self._session = self._session, None
         if session is not None and self._owns_session:
             await session.close()
@@ -207,7 +212,9 @@ class NanoBananaClient:
                 "create one client per event loop (e.g. per asyncio.run call)"
             )
         if self._session is None:
-            self._session = aiohttp.ClientSession()
+            self._session = aiohttp.ClientSession(
+                cookie_jar=aiohttp.DummyCookieJar(), connector=_addresses.guarded_connector()
+            )
         return self._session
 
     # --- the request primitive --------------------------------------------------------
@@ -390,14 +397,31 @@ class NanoBananaClient:
 
     # --- downloads --------------------------------------------------------------------
 
-    async def download(self, url: str, dest: str | os.PathLike[str]) -> Path:
+    async def download(
+        self,
+        url: str,
+        dest: str | os.PathLike[str],
+        *,
+        max_bytes: int = _download.DEFAULT_MAX_BYTES,
+    ) -> Path:
         """Stream one image to ``dest`` (a file, or a folder to name it in); returns its path.
 
         Written atomically (nothing half-written is ever left), retried on transient
         failures, and sent without our Authorization header: images live on other hosts.
+        Each attempt must finish within the client's ``timeout``, and the image must be
+        at most ``max_bytes`` (64 MiB by default) of real PNG, JPEG, WebP, GIF, AVIF or
+        HEIC bytes; ``aclose`` stops it with ClientClosedError.
         """
-        return await _download.download(
-            self._get_session(), url, dest, policy=self._retry, timeout=self._timeout
+        session = self._get_session()
+        return await self._downloads.run(
+            _download.download(
+                session,
+                url,
+                dest,
+                policy=self._retry,
+                timeout=self._timeout,
+                max_bytes=max_bytes,
+            )
         )
 
     async def download_all(
@@ -406,8 +430,12 @@ class NanoBananaClient:
         folder: str | os.PathLike[str],
         *,
         concurrency: int = 8,
+        max_bytes: int = _download.DEFAULT_MAX_BYTES,
     ) -> list[Path]:
-        """Download every image of a finished task (or every URL given) into ``folder``."""
+        """Download every image of a finished task (or every URL given) into ``folder``.
+
+        Each image as :meth:`download` does, at most ``concurrency`` at once.
+        """
         if isinstance(task_or_urls, Task):
             if task_or_urls.state is not TaskState.SUCCEEDED:
                 raise ValueError(f"task {task_or_urls.id!r} has no images to download")
@@ -416,13 +444,17 @@ class NanoBananaClient:
             raise ValueError("task_or_urls must be a Task or a list of URLs, not one string")
         else:
             urls = list(task_or_urls)
-        return await _download.download_all(
-            self._get_session(),
-            urls,
-            folder,
-            concurrency=concurrency,
-            policy=self._retry,
-            timeout=self._timeout,
+        session = self._get_session()
+        return await self._downloads.run(
+            _download.download_all(
+                session,
+                urls,
+                folder,
+                concurrency=concurrency,
+                policy=self._retry,
+                timeout=self._timeout,
+                max_bytes=max_bytes,
+            )
         )
 
     # --- waiting ----------------------------------------------------------------------

@@ -1,10 +1,14 @@
-"""Image downloads: streamed to disk, atomic, retried, never sent our token.
+"""Image downloads: streamed to disk, atomic, bounded, retried, never sent our token.
 
-Each attempt streams the body into a hidden ``.part`` file beside the destination and
-renames it into place only once every byte has arrived, so a failure, a cut body or a
-cancellation never leaves a half-written image (a file of the same name is replaced only
-by a complete one). Image URLs live on CDN hosts, so the request carries no
-``Authorization`` header (the API calls pass theirs per request).
+Every image URL is chosen by the service, or by whoever forged a record, so each
+answer is treated as hostile. An attempt follows at most a few redirects itself,
+checking every hop's address (see ``_addresses``); it must finish within the client's
+``timeout`` as a whole, and the body within ``max_bytes``; only bytes that are a real
+raster image are kept (see ``_sniff``), named with the extension of what they are.
+The body streams into a hidden ``.part`` file beside the destination, renamed into
+place only once every byte has arrived, so a failure, a cut body or a cancellation
+never leaves a half-written image. Image URLs live on CDN hosts, so the request carries
+no ``Authorization`` header (the API calls pass theirs per request).
 """
 
 from __future__ import annotations
@@ -12,46 +16,99 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
-import mimetypes
 import os
 import re
-import tempfile
-from collections.abc import Sequence
+import secrets
+from collections.abc import Coroutine, Sequence
 from pathlib import Path
-from typing import Final
+from typing import Any, Final, NamedTuple, TypeVar
 
 import aiohttp
 from yarl import URL
 
+from ._addresses import Reach, reach_of_host, reaches_of
 from ._concurrency import gather_or_cancel
-from ._errors import APIConnectionError, DownloadError, NanoBananaError
-from ._retry import RetryPolicy, retrying
+from ._errors import APIConnectionError, APITimeoutError, ClientClosedError, DownloadError
+from ._retry import RetryPolicy, is_retryable_download, retrying
+from ._sniff import SNIFF_BYTES, image_extension
 from ._transport import network_error
 
-__all__ = ["download", "download_all"]
+__all__ = ["DEFAULT_MAX_BYTES", "InFlight", "download", "download_all"]
+
+T = TypeVar("T")
+
+#: The default cap on one image's size: a 4K PNG is a few tens of MB at most.
+DEFAULT_MAX_BYTES: Final = 64 * 1024 * 1024
 
 _CHUNK_SIZE: Final = 64 * 1024
-_RETRYABLE_STATUSES: Final = frozenset({408, 425, 429, 500, 502, 503, 504})
-# mimetypes picks odd first choices for some types (".jpe" for image/jpeg on some systems).
-_EXTENSIONS: Final = {
-    "image/jpeg": ".jpg",
-    "image/jpg": ".jpg",
-    "image/png": ".png",
-    "image/webp": ".webp",
-    "image/gif": ".gif",
-    "image/avif": ".avif",
-    "image/heic": ".heic",
-}
+_MAX_REDIRECTS: Final = 5
+_REDIRECT_STATUSES: Final = frozenset({301, 302, 303, 307, 308})
+_OK_STATUSES: Final = frozenset({200, 203})
+# Some hosts label images as generic bytes; the bytes themselves decide (see _sniff).
+_GENERIC_TYPES: Final = frozenset({"application/octet-stream", "binary/octet-stream"})
+# Images are compressed already: asking for no content coding keeps aiohttp from
+# inflating anything, and an answer that is encoded anyway is refused.
+_HEADERS: Final = {"accept": "image/*", "accept-encoding": "identity"}
 _UNSAFE: Final = re.compile(r"[^A-Za-z0-9._-]+")
 _MAX_STEM: Final = 100
+# Names Windows gives to devices, whatever the extension ("nul.png" is the null device).
+_RESERVED: Final = frozenset(
+    {"con", "prn", "aux", "nul"} | {f"{port}{n}" for port in ("com", "lpt") for n in "0123456789"}
+)
+_QUERY: Final = re.compile(r"\?[^\s'\"<>]*")
+_TEMP_FLAGS: Final = (
+    os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0) | getattr(os, "O_NOFOLLOW", 0)
+)
 
 
-class _TransientDownloadError(DownloadError):
-    """A download failure worth another attempt: a 5xx/429 answer or a body cut short."""
+class _Limits(NamedTuple):
+    """What bounds one attempt: its whole duration, its connection, its body size."""
+
+    deadline: float | None
+    connect: float | None
+    max_bytes: int
 
 
-def _is_retryable(exc: Exception) -> bool:
-    return isinstance(exc, _TransientDownloadError | APIConnectionError)
+class InFlight:
+    """The downloads a client is running, so closing the client stops them first.
+
+    aiohttp does not wake a body read when its session closes under it (the connection
+    is dropped with the read's timer, and the read waits forever), so the client cancels
+    its downloads, and waits for their ``.part`` files to go, before closing the session.
+    """
+
+    def __init__(self) -> None:
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._closed = False
+
+    async def run(self, job: Coroutine[Any, Any, T]) -> T:
+        """Run ``job`` as a download that ``aclose`` can stop with ClientClosedError."""
+        if self._closed:
+            job.close()
+            raise ClientClosedError("this NanoBananaClient is closed")
+        task = asyncio.create_task(job)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        try:
+            # Cancelling the caller cancels the task and waits for it to clean up.
+            return await task
+        except asyncio.CancelledError:
+            caller = asyncio.current_task()
+            closed_under_us = self._closed and task.cancelled()
+            if closed_under_us and (caller is None or not caller.cancelling()):
+                raise ClientClosedError(
+                    "the NanoBananaClient was closed during the download"
+                ) from None
+            raise
+
+    async def aclose(self) -> None:
+        """Cancel every download still running and wait until each has cleaned up."""
+        self._closed = True
+        tasks = list(self._tasks)
+        for task in tasks:
+            task.cancel()
+        if tasks:
+            await asyncio.wait(tasks)
 
 
 async def download(
@@ -61,18 +118,20 @@ async def download(
     *,
     policy: RetryPolicy,
     timeout: aiohttp.ClientTimeout,
+    max_bytes: int = DEFAULT_MAX_BYTES,
 ) -> Path:
     """Stream ``url`` to ``dest`` (a file path, or an existing folder); returns the path.
 
     A ``dest`` that is an existing folder, or ends with a path separator, gets a name
-    from the URL and an extension from the answer's content type.
+    from the URL and an extension from what the bytes are.
     """
     _check_url(url)
+    limits = _limits(timeout, max_bytes)
     text = os.fspath(dest)
     path = Path(text)
     if text.endswith(("/", os.sep)) or await asyncio.to_thread(path.is_dir):
-        return await _fetch(session, url, path, _stem_for(url), policy=policy, timeout=timeout)
-    return await _fetch(session, url, path.parent, None, path, policy=policy, timeout=timeout)
+        return await _fetch(session, url, path, _stem_for(url), policy=policy, limits=limits)
+    return await _fetch(session, url, path.parent, None, path, policy=policy, limits=limits)
 
 
 async def download_all(
@@ -83,6 +142,7 @@ async def download_all(
     concurrency: int,
     policy: RetryPolicy,
     timeout: aiohttp.ClientTimeout,
+    max_bytes: int = DEFAULT_MAX_BYTES,
 ) -> list[Path]:
     """Download ``urls`` into ``folder``, at most ``concurrency`` at once, in order.
 
@@ -93,15 +153,22 @@ async def download_all(
         raise ValueError(f"concurrency must be a positive integer, got {concurrency!r}")
     for url in urls:
         _check_url(url)
+    limits = _limits(timeout, max_bytes)
     directory = Path(folder)
     limit = asyncio.Semaphore(concurrency)
 
     async def one(url: str, stem: str) -> Path:
         async with limit:
-            return await _fetch(session, url, directory, stem, policy=policy, timeout=timeout)
+            return await _fetch(session, url, directory, stem, policy=policy, limits=limits)
 
     stems = _unique_stems(urls)
     return await gather_or_cancel(one(url, stem) for url, stem in zip(urls, stems, strict=True))
+
+
+def _limits(timeout: aiohttp.ClientTimeout, max_bytes: int) -> _Limits:
+    if isinstance(max_bytes, bool) or not isinstance(max_bytes, int) or max_bytes < 1:
+        raise ValueError(f"max_bytes must be a positive integer, got {max_bytes!r}")
+    return _Limits(timeout.total, timeout.sock_connect, max_bytes)
 
 
 async def _fetch(
@@ -112,19 +179,15 @@ async def _fetch(
     target: Path | None = None,
     *,
     policy: RetryPolicy,
-    timeout: aiohttp.ClientTimeout,
+    limits: _Limits,
 ) -> Path:
     """Make the folder, then run attempts under the retry policy."""
-    await asyncio.to_thread(directory.mkdir, parents=True, exist_ok=True)
-    # An image can take longer than one API call to arrive: bound the silences, not the
-    # whole transfer, so a slow but moving download of a 4K image is not cut off.
-    stream_timeout = aiohttp.ClientTimeout(
-        total=None,
-        sock_connect=timeout.sock_connect,
-        sock_read=timeout.sock_read or timeout.total,
-    )
-    attempt = retrying(_attempt, policy, _is_retryable)
-    return await attempt(session, url, directory, stem, target, stream_timeout)
+    try:
+        await asyncio.to_thread(directory.mkdir, parents=True, exist_ok=True)
+    except OSError as exc:
+        raise _filesystem_error(exc, f"cannot create the folder {directory}", url) from exc
+    attempt = retrying(_attempt, policy, is_retryable_download)
+    return await attempt(session, url, directory, stem, target, limits)
 
 
 async def _attempt(
@@ -133,82 +196,242 @@ async def _attempt(
     directory: Path,
     stem: str | None,
     target: Path | None,
-    timeout: aiohttp.ClientTimeout,
+    limits: _Limits,
 ) -> Path:
-    """One GET streamed to a temporary file, renamed into place when complete."""
-    shown = _display(url)
+    """One attempt, redirects and writing included, bounded by the client's timeout.
+
+    The bound is on the whole attempt, not on each read, so a host that drips a byte
+    now and then cannot hold a download open.
+    """
     try:
-        async with session.get(url, headers={"accept": "image/*"}, timeout=timeout) as response:
-            _check_response(response, url, shown)
-            if target is None:
-                assert stem is not None
-                target = directory / (stem + _extension(response.content_type.lower()))
-            return await _stream_to(response, target, url, shown)
-    except NanoBananaError:
-        raise
-    except aiohttp.ClientPayloadError as exc:
-        raise _TransientDownloadError(
-            f"download from {shown} was cut short: {exc}", url=url
-        ) from exc
-    except (aiohttp.ClientError, TimeoutError) as exc:
-        raise network_error(exc, shown) from exc
+        async with asyncio.timeout(limits.deadline):
+            return await _follow(session, url, directory, stem, target, limits)
+    except TimeoutError as exc:
+        if isinstance(exc, APIConnectionError):  # a connect timeout, already ours
+            raise
+        within = f" within {limits.deadline:g} s" if limits.deadline is not None else ""
+        raise APITimeoutError(
+            f"download from {_display(URL(url))} did not finish{within}"
+        ) from None
 
 
-def _check_response(response: aiohttp.ClientResponse, url: str, shown: str) -> None:
-    """Raise for an error status or an answer that is not an image."""
-    status = response.status
-    if status >= 400:
-        error = _TransientDownloadError if status in _RETRYABLE_STATUSES else DownloadError
-        raise error(f"HTTP {status} downloading {shown}", url=url, status=status)
-    if not response.content_type.startswith("image/"):
+async def _follow(
+    session: aiohttp.ClientSession,
+    url: str,
+    directory: Path,
+    stem: str | None,
+    target: Path | None,
+    limits: _Limits,
+) -> Path:
+    """GET the URL, following redirects ourselves so each hop's address is checked."""
+    hop = URL(url)
+    origin_private: bool | None = None  # whether the image URL is on a private address
+    timeout = aiohttp.ClientTimeout(total=None, sock_connect=limits.connect)
+    for redirects in range(_MAX_REDIRECTS + 1):
+        shown = _display(hop)
+        if redirects == 0:
+            if reach_of_host(hop.host or "") is Reach.FORBIDDEN:
+                raise _forbidden(hop, url)
+        else:
+            origin_private = await _check_redirect(hop, url, origin_private)
+        try:
+            async with session.get(
+                hop, headers=_HEADERS, timeout=timeout, allow_redirects=False
+            ) as response:
+                if response.status in _REDIRECT_STATUSES:
+                    hop = _next_hop(response, hop, url)
+                    continue
+                _check_response(response, url, shown, limits.max_bytes)
+                return await _save(response, directory, stem, target, url, shown, limits)
+        except aiohttp.ClientPayloadError as exc:
+            raise DownloadError(
+                f"download from {shown} was cut short: {_scrub(str(exc))}",
+                url=url,
+                incomplete=True,
+            ) from exc
+        except aiohttp.ClientError as exc:
+            error = network_error(exc, shown)
+            # aiohttp's own text may quote the URL; its query may hold a signature.
+            raise type(error)(_scrub(str(error)), request_sent=error.request_sent) from exc
+    raise DownloadError(
+        f"{_display(URL(url))} redirected more than {_MAX_REDIRECTS} times", url=url
+    )
+
+
+def _forbidden(hop: URL, url: str) -> DownloadError:
+    return DownloadError(
+        f"refused to download from {_display(hop)}: a link-local or reserved address", url=url
+    )
+
+
+async def _check_redirect(hop: URL, url: str, origin_private: bool | None) -> bool | None:
+    """Refuse a redirect to a forbidden address, or to a private one unless the image
+    URL is on one; returns whether it is (worked out, once, only when it matters)."""
+    reaches = await reaches_of(hop.host or "", hop.port or 80)
+    if Reach.FORBIDDEN in reaches:
+        raise _forbidden(hop, url)
+    if Reach.PRIVATE not in reaches:
+        return origin_private
+    if origin_private is None:
+        origin = URL(url)
+        origin_private = Reach.PRIVATE in await reaches_of(origin.host or "", origin.port or 80)
+    if not origin_private:
         raise DownloadError(
-            f"{shown} answered {response.content_type or 'no content type'} "
-            f"(HTTP {status}), not an image",
+            f"refused to follow a redirect to {_display(hop)}: a private address, "
+            "while the image URL is not on one",
+            url=url,
+        )
+    return origin_private
+
+
+def _next_hop(response: aiohttp.ClientResponse, hop: URL, url: str) -> URL:
+    """Where a redirect points, if it is an http(s) URL."""
+    status = response.status
+    location = response.headers.get("location")
+    if not location:
+        raise DownloadError(
+            f"HTTP {status} from {_display(hop)} without a Location", url=url, status=status
+        )
+    try:
+        target = hop.join(URL(location))
+    except ValueError:
+        target = None
+    if target is None or target.scheme not in ("http", "https") or not target.raw_host:
+        raise DownloadError(
+            f"{_display(hop)} redirected to something that is not an http(s) URL",
             url=url,
             status=status,
         )
+    return target.with_fragment(None)
 
 
-async def _stream_to(response: aiohttp.ClientResponse, target: Path, url: str, shown: str) -> Path:
-    """Write the body to a hidden temporary file next to ``target``, then rename it."""
-    fd, temp_name = tempfile.mkstemp(dir=target.parent, prefix=".", suffix=".part")
+def _check_response(response: aiohttp.ClientResponse, url: str, shown: str, max_bytes: int) -> None:
+    """Raise for an error status, a non-image or encoded answer, or one known too large."""
+    status = response.status
+    if status not in _OK_STATUSES:
+        raise DownloadError(f"HTTP {status} downloading {shown}", url=url, status=status)
+    content_type = response.content_type.lower()
+    if not content_type.startswith("image/") and content_type not in _GENERIC_TYPES:
+        raise DownloadError(
+            f"{shown} answered {content_type or 'no content type'} (HTTP {status}), not an image",
+            url=url,
+            status=status,
+        )
+    encoding = response.headers.get("content-encoding", "identity").strip().lower()
+    if encoding not in ("", "identity"):
+        raise DownloadError(
+            f"{shown} answered with Content-Encoding {encoding[:40]!r}; images are "
+            "downloaded unencoded",
+            url=url,
+            status=status,
+        )
+    length = response.content_length
+    if length is not None and length > max_bytes:
+        raise DownloadError(
+            f"{shown} is {length} bytes, more than max_bytes={max_bytes}", url=url, status=status
+        )
+
+
+async def _save(
+    response: aiohttp.ClientResponse,
+    directory: Path,
+    stem: str | None,
+    target: Path | None,
+    url: str,
+    shown: str,
+    limits: _Limits,
+) -> Path:
+    """Check the bytes are an image, write them to a hidden temporary file, rename it."""
+    status = response.status
+    head = await _read_head(response.content)
+    extension = image_extension(head)
+    if extension is None:
+        raise DownloadError(
+            f"{shown} answered bytes that are not a PNG, JPEG, WebP, GIF, AVIF or HEIC image",
+            url=url,
+            status=status,
+        )
+    if target is None:
+        assert stem is not None
+        target = directory / (stem + extension)
+    try:
+        # Synchronous, like the rename below: a single metadata call, which a cancel
+        # arriving while it ran in a thread could leave behind, with its descriptor.
+        fd, temp_name = _create_temp(target.parent)
+    except OSError as exc:
+        raise _filesystem_error(exc, f"cannot write {shown} into {target.parent}", url) from exc
     try:
         received = 0
         with os.fdopen(fd, "wb") as file:
-            async for chunk in response.content.iter_chunked(_CHUNK_SIZE):
-                await asyncio.to_thread(file.write, chunk)
+            chunk = head
+            while chunk:
                 received += len(chunk)
+                if received > limits.max_bytes:
+                    raise DownloadError(
+                        f"{shown} sent more than max_bytes={limits.max_bytes} bytes",
+                        url=url,
+                        status=status,
+                    )
+                await asyncio.to_thread(file.write, chunk)
+                chunk = await response.content.read(_CHUNK_SIZE)
         expected = response.content_length
-        # With a Content-Encoding the length counts encoded bytes; aiohttp checks those.
-        encoded = bool(response.headers.get("content-encoding"))
-        if expected is not None and not encoded and received != expected:
-            raise _TransientDownloadError(
+        if expected is not None and received != expected:
+            raise DownloadError(
                 f"download from {shown} was cut short: got {received} of {expected} bytes",
                 url=url,
-                status=response.status,
+                status=status,
+                incomplete=True,
             )
         os.replace(temp_name, target)  # a rename: instant, and never left half-done by a cancel
-    except BaseException:
+    except BaseException as exc:
         # Synchronous on purpose: this also runs while being cancelled.
         with contextlib.suppress(OSError):
             os.unlink(temp_name)
+        if isinstance(exc, OSError) and not isinstance(exc, aiohttp.ClientError):
+            raise _filesystem_error(exc, f"cannot save {shown} as {target}", url) from exc
         raise
     return target
 
 
+async def _read_head(content: aiohttp.StreamReader) -> bytes:
+    """The body's first ``SNIFF_BYTES`` bytes (fewer if it is shorter)."""
+    head = b""
+    while len(head) < SNIFF_BYTES:
+        more = await content.read(SNIFF_BYTES - len(head))
+        if not more:
+            break
+        head += more
+    return head
+
+
+def _create_temp(folder: Path) -> tuple[int, str]:
+    """A new hidden ``.part`` file in ``folder``, its mode set by the umask like any file."""
+    while True:
+        name = os.path.join(folder, f".{secrets.token_hex(8)}.part")
+        try:
+            return os.open(name, _TEMP_FLAGS, 0o666), name
+        except FileExistsError:
+            continue
+
+
+def _filesystem_error(exc: OSError, what: str, url: str) -> DownloadError:
+    return DownloadError(f"{what}: {exc.strerror or type(exc).__name__}", url=url)
+
+
 def _check_url(url: str) -> None:
-    if not isinstance(url, str) or URL(url).scheme not in ("http", "https"):
-        raise ValueError(f"can only download http(s) URLs, got {str(url)[:80]!r}")
+    parsed = URL(url) if isinstance(url, str) else None
+    if parsed is None or parsed.scheme not in ("http", "https") or not parsed.host:
+        raise ValueError(f"can only download http(s) URLs, got {_scrub(str(url))[:80]!r}")
 
 
-def _display(url: str) -> str:
-    """The URL without its query: CDN URLs may carry signatures worth keeping out of logs."""
-    parsed = URL(url)
-    return str(parsed.with_query(None).with_fragment(None))
+def _display(url: URL) -> str:
+    """The URL without credentials, query or fragment: a query may carry a signature."""
+    return str(url.with_user(None).with_query(None).with_fragment(None))
 
 
-def _extension(content_type: str) -> str:
-    return _EXTENSIONS.get(content_type) or mimetypes.guess_extension(content_type) or ".img"
+def _scrub(text: str) -> str:
+    """``text`` with anything that looks like a URL's query removed."""
+    return _QUERY.sub("", text)
 
 
 def _stem_for(url: str) -> str:
@@ -223,11 +446,16 @@ def _stem_for(url: str) -> str:
         parent = _sanitize(segments[-2])
         if parent:
             stem = f"{parent}_{stem}"
-    return stem or hashlib.sha256(url.encode()).hexdigest()[:16]
+    if not stem:
+        return hashlib.sha256(url.encode()).hexdigest()[:16]
+    if stem.split(".")[0].lower() in _RESERVED:
+        stem = "_" + stem
+    return stem
 
 
 def _sanitize(text: str) -> str:
-    return _UNSAFE.sub("_", text).lstrip(".")[:_MAX_STEM]
+    """Only letters, digits, ``._-``; never a leading dot (hidden) or dash (an option)."""
+    return _UNSAFE.sub("_", text).lstrip(".-")[:_MAX_STEM]
 
 
 def _unique_stems(urls: Sequence[str]) -> list[str]:

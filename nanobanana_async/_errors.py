@@ -273,18 +273,25 @@ class ClientClosedError(NanoBananaError):
 class DownloadError(NanoBananaError):
     """An image could not be downloaded: an error status, a non-image answer, a cut body.
 
-    ``status`` is the HTTP status when there was an answer, else None. Nothing is left
-    at the destination when this is raised.
+    ``status`` is the HTTP status when there was an answer, else None; ``incomplete`` is
+    True when the answer's body was cut short (another attempt may succeed). ``url`` is
+    the URL asked for, in full; the message never shows its query. Nothing is left at
+    the destination when this is raised.
     """
 
-    def __init__(self, message: str, *, url: str, status: int | None = None) -> None:
+    def __init__(
+        self, message: str, *, url: str, status: int | None = None, incomplete: bool = False
+    ) -> None:
         self.url = url
         self.status = status
+        self.incomplete = incomplete
         super().__init__(message)
 
     def __reduce__(self) -> tuple[object, ...]:
-        return (_rebuild_download_error, (str(self), self.url, self.status))
+        return (_rebuild_download_error, (str(self), self.url, self.status, self.incomplete))
 
 
-def _rebuild_download_error(message: str, url: str, status: int | None) -> DownloadError:
-    return DownloadError(message, url=url, status=status)
+def _rebuild_download_error(
+    message: str, url: str, status: int | None, incomplete: bool
+) -> DownloadError:
+    return DownloadError(message, url=url, status=status, incomplete=incomplete)

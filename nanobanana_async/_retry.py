@@ -26,6 +26,7 @@ import backoff
 from ._errors import (
     APIConnectionError,
     AuthenticationError,
+    DownloadError,
     NanoBananaError,
     NotFoundError,
     PermissionDeniedError,
@@ -36,6 +37,7 @@ from ._errors import (
 __all__ = [
     "POLL_FATAL",
     "RetryPolicy",
+    "is_retryable_download",
     "is_retryable_read",
     "is_retryable_submission",
     "retrying",
@@ -158,6 +160,21 @@ def is_retryable_submission(exc: Exception) -> bool:
     if isinstance(exc, RateLimitError):
         return True
     return isinstance(exc, APIConnectionError) and not exc.request_sent
+
+
+# An image host's answers worth another GET: timeouts, rate limits, server errors.
+_RETRYABLE_DOWNLOAD_STATUSES = frozenset({408, 425, 429, 500, 502, 503, 504})
+
+
+def is_retryable_download(exc: Exception) -> bool:
+    """An image download may be retried after this error.
+
+    A network failure or timeout, a transient status, or a body cut short. Refusals
+    (not an image, too large, a redirect loop or a forbidden address) are final.
+    """
+    if isinstance(exc, DownloadError):
+        return exc.incomplete or exc.status in _RETRYABLE_DOWNLOAD_STATUSES
+    return isinstance(exc, APIConnectionError)
 
 
 def _log_retry(details: Any) -> None:

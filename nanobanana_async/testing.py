@@ -86,10 +86,17 @@ Fault injection (API listener)
 Image listener
     ``GET /img/<task_id>/<i>.png`` serves a 16x16 solid-colour PNG for a finished, successful
     task, else 404.  ``image_requests`` records ``(path, headers)`` of every request.
-    ``inject_image(kind, *, times=1, delay=1.0)`` with kinds ``"html"`` (200 ``text/html``),
-    ``"truncate"`` (full ``Content-Length``, half the body, then the connection closes),
-    ``"error"`` (500) and ``"slow"`` (wait ``delay`` seconds, then answer normally).
-    :func:`make_png` builds such PNGs.
+    ``inject_image(kind, *, times=1, delay=1.0, location=None)`` queues a fault for the next
+    ``times`` image requests, consumed in FIFO order, with kinds ``"html"`` (200
+    ``text/html``), ``"truncate"`` (full ``Content-Length``, half the body, then the
+    connection closes), ``"error"`` (500), ``"slow"`` (wait ``delay`` seconds, then answer
+    normally), ``"drip"`` (the PNG with its full ``Content-Length``, one byte every ``delay``
+    seconds), ``"endless"`` (200 ``image/png``, chunked: a PNG signature, then zeros until the
+    client goes away or the server closes), ``"redirect"`` (302 to ``location``; by default
+    the request's own path and query, so repeating it makes a loop), ``"svg"`` (200
+    ``image/svg+xml``: an SVG with a ``<script>``) and ``"set_cookie"`` (the normal answer
+    plus ``Set-Cookie: fake_cdn=...; Path=/``).  ``"drip"`` and ``"endless"`` answer whether
+    or not the task exists.  :func:`make_png` builds such PNGs.
 
 Counters
     ``counts`` (a :class:`collections.Counter` keyed by body action, ``"invalid"`` when the body
@@ -164,7 +171,14 @@ _FAULT_KINDS: Final = frozenset(
     {"error", "html", "rate_limit", "not_json", "drop", "slow", "gzip_bomb"}
 )
 _BOMB_BLOCK: Final = 1 << 20  # bytes of whitespace per deflate block of a gzip bomb
-_IMAGE_FAULT_KINDS: Final = frozenset({"html", "truncate", "error", "slow"})
+_IMAGE_FAULT_KINDS: Final = frozenset(
+    {"html", "truncate", "error", "slow", "drip", "endless", "redirect", "svg", "set_cookie"}
+)
+_SVG: Final = (
+    '<svg xmlns="http://www.w3.org/2000/svg" width="16" height="16">'
+    "<script>alert(document.cookie)</script></svg>"
+)
+_ENDLESS_CHUNK: Final = bytes(64 * 1024)
 _API_ACTIONS: Final = frozenset({"generate", "edit", "retrieve", "retrieve_batch"})
 _IMAGE_NAME: Final = re.compile(r"(\d+)\.png")
 _URL_PREFIXES: Final = ("http://", "https://")
@@ -389,6 +403,7 @@ class _ImageFault:
     kind: str
     remaining: int
     delay: float
+    location: str | None = None
 
 
 # --------------------------------------------------------------------------- the server
@@ -741,8 +756,14 @@ class FakeNanoBanana:
             _Fault(kind, times, action, status, code, message, retry_after, delay, body, size)
         )
 
-    def inject_image(self, kind: str, *, times: int = 1, delay: float = 1.0) -> None:
-        """Queue a fault for the next ``times`` requests to the image listener."""
+    def inject_image(
+        self, kind: str, *, times: int = 1, delay: float = 1.0, location: str | None = None
+    ) -> None:
+        """Queue a fault for the next ``times`` requests to the image listener.
+
+        ``delay`` is the pause of ``"slow"`` and the interval of ``"drip"``; ``location``
+        is where ``"redirect"`` points (default: the request's own path, a loop).
+        """
         if kind not in _IMAGE_FAULT_KINDS:
             raise ValueError(
                 f"image fault kind must be one of {sorted(_IMAGE_FAULT_KINDS)}, got {kind!r}"
@@ -751,7 +772,7 @@ class FakeNanoBanana:
             raise ValueError(f"times must be >= 1, got {times!r}")
         if delay < 0:
             raise ValueError(f"delay must be >= 0, got {delay!r}")
-        self._image_faults.append(_ImageFault(kind, times, delay))
+        self._image_faults.append(_ImageFault(kind, times, delay, location))
 
     def clear_faults(self) -> None:
         """Forget every queued API and image fault."""
@@ -1102,14 +1123,9 @@ class FakeNanoBanana:
         self.image_requests.append((request.path, dict(request.headers)))
         fault = self._take_image_fault()
         if fault is not None:
-            if fault.kind == "slow" and not await self._pause(fault.delay):
-                return web.Response(status=503, text="shutting down")
-            if fault.kind == "html":
-                page = "<!DOCTYPE html><html><head><title>Just a moment...</title></head>"
-                page += "<body>Checking your browser before accessing.</body></html>"
-                return web.Response(text=page, content_type="text/html")
-            if fault.kind == "error":
-                return web.Response(text=_nginx_page(500), status=500, content_type="text/html")
+            answer = await self._apply_image_fault(request, fault)
+            if answer is not None:
+                return answer
         task_id = request.match_info["task_id"]
         match = _IMAGE_NAME.fullmatch(request.match_info["name"])
         task = self.tasks.get(task_id)
@@ -1132,4 +1148,60 @@ class FakeNanoBanana:
             return resp
         if not found:
             return web.Response(status=404, text="404 Not Found")
-        return web.Response(body=png, content_type="image/png")
+        answer = web.Response(body=png, content_type="image/png")
+        if fault is not None and fault.kind == "set_cookie":
+            answer.set_cookie("fake_cdn", uuid.uuid4().hex, path="/")
+        return answer
+
+    async def _apply_image_fault(
+        self, request: web.Request, fault: _ImageFault
+    ) -> web.StreamResponse | None:
+        """Answer a faulted image request; ``None`` means answer normally (after a pause)."""
+        kind = fault.kind
+        if kind == "slow" and not await self._pause(fault.delay):
+            return web.Response(status=503, text="shutting down")
+        if kind == "html":
+            page = "<!DOCTYPE html><html><head><title>Just a moment...</title></head>"
+            page += "<body>Checking your browser before accessing.</body></html>"
+            return web.Response(text=page, content_type="text/html")
+        if kind == "error":
+            return web.Response(text=_nginx_page(500), status=500, content_type="text/html")
+        if kind == "svg":
+            return web.Response(body=_SVG.encode(), content_type="image/svg+xml")
+        if kind == "redirect":
+            location = fault.location if fault.location is not None else request.path_qs
+            return web.Response(status=302, headers={"Location": location})
+        if kind == "drip":
+            return await self._drip(request, fault.delay)
+        if kind == "endless":
+            return await self._endless(request)
+        return None
+
+    async def _drip(self, request: web.Request, interval: float) -> web.StreamResponse:
+        """A PNG with its full length, one byte per ``interval`` until done or closed."""
+        png = make_png()
+        resp = web.StreamResponse()
+        resp.content_type = "image/png"
+        resp.content_length = len(png)
+        await resp.prepare(request)
+        try:
+            for i in range(len(png)):
+                await resp.write(png[i : i + 1])
+                if not await self._pause(interval):
+                    break
+        except ConnectionError:  # the client went away
+            pass
+        return resp
+
+    async def _endless(self, request: web.Request) -> web.StreamResponse:
+        """A PNG signature, then zeros for as long as the client reads (chunked)."""
+        resp = web.StreamResponse()
+        resp.content_type = "image/png"
+        await resp.prepare(request)
+        try:
+            await resp.write(b"\x89PNG\r\n\x1a\n")
+            while not self._closing.is_set():
+                await resp.write(_ENDLESS_CHUNK)
+        except ConnectionError:  # the client went away
+            pass
+        return resp

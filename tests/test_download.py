@@ -58,7 +58,7 @@ async def odd_host() -> AsyncIterator[tuple[str, asyncio.Event]]:
         response.content_type = "image/png"
         response.content_length = 200_000
         await response.prepare(request)
-        await response.write(b"\0" * 100_000)
+        await response.write(PNG_MAGIC + b"\0" * (100_000 - len(PNG_MAGIC)))
         half_sent.set()
         await release.wait()
         return response

@@ -15,6 +15,7 @@ from typing import Any
 import aiohttp
 import pytest
 from aiohttp import web
+from yarl import URL
 
 from nanobanana_async.testing import (
     KNOWN_MODELS,
@@ -892,6 +893,43 @@ async def test_image_faults(
     assert status == 200
     parse_png(data)
     no_loud_logs(caplog)
+
+
+async def test_hostile_image_faults(server: FakeNanoBanana, http: aiohttp.ClientSession) -> None:
+    url = server.tasks[server.add_task()].image_urls[0]
+    _, _, normal = await get_image(http, url)
+
+    server.inject_image("drip", delay=0.001)
+    async with asyncio.timeout(WAIT), http.get(url) as resp:
+        assert resp.content_length == len(make_png())
+        assert await resp.read() == make_png()
+
+    server.inject_image("endless")
+    async with asyncio.timeout(WAIT), http.get(url) as resp:
+        assert resp.content_length is None
+        received = await resp.content.readexactly(8)
+        while len(received) < 1_000_000:
+            received += await resp.content.read(64 * 1024)
+    assert received.startswith(b"\x89PNG\r\n\x1a\n")
+
+    server.inject_image("redirect")
+    async with http.get(f"{url}?sig=1", allow_redirects=False) as resp:
+        assert resp.status == 302
+        assert resp.headers["Location"] == f"{URL(url).path}?sig=1"
+    server.inject_image("redirect", location="http://169.254.169.254/")
+    async with http.get(url, allow_redirects=False) as resp:
+        assert resp.headers["Location"] == "http://169.254.169.254/"
+
+    server.inject_image("svg")
+    status, headers, data = await get_image(http, url)
+    assert status == 200
+    assert headers["Content-Type"] == "image/svg+xml"
+    assert b"<script>" in data
+
+    server.inject_image("set_cookie")
+    async with aiohttp.ClientSession() as fresh, fresh.get(url) as resp:
+        assert resp.cookies["fake_cdn"].value
+        assert await resp.read() == normal
 
 
 # --------------------------------------------------------------------------- callbacks

@@ -203,7 +203,10 @@ def test_poller_batch_decoding_isolates_a_bad_record() -> None:
         parse_task_batch(answer(body))
     records = batch_items(answer(body))
     assert list(records) == [item["id"] for item in body["items"]]
-    good = [read_item(records[item["id"]], None, item["id"]) for item in (body["items"][0], body["items"][2])]
+    good = [
+        read_item(records[item["id"]], None, item["id"])
+        for item in (body["items"][0], body["items"][2])
+    ]
     assert [task.state for task in good] == [TaskState.SUCCEEDED, TaskState.FAILED]
     bad_id = body["items"][1]["id"]
     with pytest.raises(ResponseDecodeError, match=r"response\.success") as info:
