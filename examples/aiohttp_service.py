@@ -25,7 +25,12 @@ is ``test-token``)::
 Against the real API, ``--public-url`` must be where the service can reach you (e.g.
 ``https://images.example.com``). SIGINT/SIGTERM shut down gracefully: the listener
 closes, requests still waiting answer 503 with their task id (fetch it later with
-``GET /images/{task_id}``), then the receiver and the client are closed.
+``GET /images/{task_id}``), then the receiver, the relay and the client are closed.
+
+Several replicas behind one public URL (see ``examples/fleet/README.md``): give them the
+same ``NANOBANANA_CALLBACK_SECRET`` and one Redis in ``NANOBANANA_REDIS_URL`` (or
+``--redis-url``; needs ``pip install "nanobanana-async[redis]"``). A callback reaching
+any replica then finishes the wait on the replica that holds it, at once.
 """
 
 from __future__ import annotations
@@ -37,6 +42,7 @@ import os
 import signal
 import sys
 from collections.abc import AsyncIterator, Sequence
+from contextlib import AsyncExitStack
 from typing import Any
 
 import attrs
@@ -67,6 +73,8 @@ class Settings:
     verify: bool = True  # confirm each callback with one retrieve
     callback_secret: str | None = None  # stable across restarts and replicas, if set
     callback_poll_interval: float = 15.0
+    redis_url: str | None = None  # a Redis shared by every replica, to relay callbacks
+    redis_channel: str = "nanobanana-async"
 
 
 SETTINGS = web.AppKey("settings", Settings)
@@ -89,21 +97,31 @@ def create_app(settings: Settings) -> web.Application:
 
 
 async def nanobanana_context(app: web.Application) -> AsyncIterator[None]:
-    """Startup: one client and its receiver. Cleanup: close the receiver, then the client."""
+    """Startup: one client, its relay if any, and its receiver. Cleanup: the reverse."""
     settings = app[SETTINGS]
-    client = NanoBananaClient(
-        settings.token,
-        base_url=settings.base_url,
-        callback_poll_interval=settings.callback_poll_interval,
-    )
-    receiver = CallbackReceiver(client, secret=settings.callback_secret, verify=settings.verify)
-    app[CLIENT] = client
-    app[RECEIVER] = receiver
-    try:
+    async with AsyncExitStack() as stack:
+        client = await stack.enter_async_context(
+            NanoBananaClient(
+                settings.token,
+                base_url=settings.base_url,
+                callback_poll_interval=settings.callback_poll_interval,
+            )
+        )
+        relay = None
+        if settings.redis_url:
+            from nanobanana_async.fleet import RedisRelay  # the optional redis extra
+
+            relay = RedisRelay(client, settings.redis_url, channel=settings.redis_channel)
+        # With a relay, the receiver refuses a missing secret: replicas must share one.
+        receiver = CallbackReceiver(
+            client, secret=settings.callback_secret, verify=settings.verify, relay=relay
+        )
+        if relay is not None:
+            await stack.enter_async_context(relay)  # an unreachable Redis is only logged
+        stack.push_async_callback(receiver.aclose)  # closed first: it may still publish
+        app[CLIENT] = client
+        app[RECEIVER] = receiver
         yield
-    finally:
-        await receiver.aclose()
-        await client.aclose()
 
 
 async def on_shutdown(app: web.Application) -> None:
@@ -248,9 +266,20 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--wait", type=float, default=120.0)
     parser.add_argument("--no-verify", action="store_true", help="trust callback bodies")
     parser.add_argument("--callback-poll-interval", type=float, default=15.0)
+    parser.add_argument(
+        "--redis-url",
+        default=os.environ.get("NANOBANANA_REDIS_URL"),
+        help="a Redis shared by every replica, to relay callbacks (may carry a password: "
+        "better the NANOBANANA_REDIS_URL environment variable)",
+    )
+    parser.add_argument("--redis-channel", default="nanobanana-async")
     args = parser.parse_args(argv)
     if not args.token:
         parser.error("pass --token or set ACEDATACLOUD_API_TOKEN")
+    if args.redis_url and not os.environ.get("NANOBANANA_CALLBACK_SECRET"):
+        parser.error(
+            "with a Redis relay, set NANOBANANA_CALLBACK_SECRET (the same on every replica)"
+        )
     return args
 
 
@@ -265,6 +294,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         verify=not args.no_verify,
         callback_secret=os.environ.get("NANOBANANA_CALLBACK_SECRET"),
         callback_poll_interval=args.callback_poll_interval,
+        redis_url=args.redis_url,
+        redis_channel=args.redis_channel,
     )
     asyncio.run(serve(settings, args.host, args.port))
     return 0

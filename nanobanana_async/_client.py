@@ -395,6 +395,20 @@ class NanoBananaClient:
             return None
         return confirmed if self._poller.feed(confirmed) else None
 
+    def _feed_relayed(self, task: Task) -> bool:
+        """A record another replica's callback receiver vouched for (``fleet.RedisRelay``).
+
+        Trusted, so nothing is read: a finished record settles the waits on it here (or
+        is kept briefly for a wait about to start); a pending one (the service's record
+        lagged the callback) makes the task poll eagerly. True if it finished a wait.
+        """
+        if self._closed:
+            return False
+        if not task.done:
+            self._poller.expedite(task.id)
+            return False
+        return self._poller.feed(task, remember=True)
+
     # --- downloads --------------------------------------------------------------------
 
     async def download(

@@ -25,7 +25,7 @@ returns::
 
 API
     ``CallbackReceiver(client, *, secret=None, verify=True, max_body_size=256 KiB,
-    max_concurrency=32, max_pending=4096)``; ``callback_url(public_url) -> str``;
+    max_concurrency=32, max_pending=4096, relay=None)``; ``callback_url(public_url) -> str``;
     ``await receive(body, *, secret) -> int``; ``await handle(request) -> web.Response``
     (an aiohttp handler); ``add_route(app, path=DEFAULT_PATH)``; ``await drain()``;
     ``await aclose(timeout=5.0)``; ``stats`` (a :class:`ReceiverStats`); ``pending``.
@@ -40,8 +40,12 @@ Operating notes
     The secret is random per receiver unless you pass one; pass a stable one (from your
     configuration) if callbacks must survive a restart or reach another replica. A task
     whose callback reaches a process with no waiter for it is ignored there: the waiter
-    elsewhere finishes by polling. With ``verify``, a callback that arrives before its
-    wait starts is ignored too (the wait then ends by polling); without it, the record
+    elsewhere finishes by polling, unless the replicas share a
+    :class:`~nanobanana_async.fleet.RedisRelay` (``relay=``): then the receiving replica
+    confirms every delivery, waited on here or not, and relays the record to the others
+    (see ``nanobanana_async.fleet`` for the trust boundary). With ``verify``, a callback
+    that arrives before its wait starts is ignored too (the wait then ends by polling;
+    with a relay the confirmed record is kept briefly for it); without it, the record
     is kept briefly for that wait. The secret travels in the URL's query string, so keep
     query strings out of access logs (the ``examples/aiohttp_service.py`` access logger
     shows how); the receiver itself never logs or shows it.
@@ -54,7 +58,7 @@ import hmac
 import logging
 import secrets
 import time
-from typing import Final
+from typing import TYPE_CHECKING, Final
 
 import attrs
 from aiohttp import web
@@ -62,8 +66,11 @@ from yarl import URL
 
 from . import _protocol
 from ._client import NanoBananaClient
-from ._errors import ClientClosedError, NanoBananaError
+from ._errors import ClientClosedError, NanoBananaError, TaskNotFoundError
 from ._models import Task
+
+if TYPE_CHECKING:  # the relay needs the optional redis package
+    from .fleet import RedisRelay
 
 __all__ = ["DEFAULT_PATH", "SECRET_PARAM", "CallbackReceiver", "ReceiverStats"]
 
@@ -99,6 +106,8 @@ class ReceiverStats:
     """Handled without effect: nobody waits, already finished, or not confirmed done."""
     failed: int = 0
     """Could not be confirmed (the ``retrieve`` failed): polling carries on."""
+    relayed: int = 0
+    """Records published to the other replicas through the relay."""
     unauthorized: int = 0
     """Answered 401."""
     malformed: int = 0
@@ -117,6 +126,11 @@ class CallbackReceiver:
     record resolves waiters; ``verify=False`` trusts the body (for a trusted network).
     At most ``max_concurrency`` deliveries are handled at once and ``max_pending``
     queued; beyond that deliveries get 503 and their tasks finish by polling.
+
+    With a ``relay`` (several replicas behind one URL), every delivery is confirmed
+    (one ``retrieve`` with ``verify``), settles this replica's waiters and is published
+    to the others. The secret must then be passed, the same on every replica: a
+    callback URL made by one replica is delivered to any of them.
     """
 
     def __init__(
@@ -128,7 +142,16 @@ class CallbackReceiver:
         max_body_size: int = 256 * 1024,
         max_concurrency: int = 32,
         max_pending: int = 4096,
+        relay: RedisRelay | None = None,
     ) -> None:
+        if relay is not None:
+            if secret is None:
+                raise ValueError(
+                    "a receiver with a relay needs an explicit secret, the same on every "
+                    "replica: a random one would refuse the other replicas' callback URLs"
+                )
+            if relay.client is not client:
+                raise ValueError("the relay must be built on the receiver's client")
         if secret is None:
             secret = secrets.token_urlsafe(32)
         elif not isinstance(secret, str) or len(secret.strip()) < _MIN_SECRET_LENGTH:
@@ -144,6 +167,7 @@ class CallbackReceiver:
         self.max_pending = max_pending
         self._limit = asyncio.Semaphore(max_concurrency)
         self._active: dict[str, asyncio.Task[None]] = {}
+        self._relay = relay
         self._closed = False
         self.stats = ReceiverStats()
 
@@ -300,7 +324,10 @@ class CallbackReceiver:
         try:
             async with self._limit:
                 # Parsed once, in _accept: hand the claim on rather than the body.
-                result = await self._client._feed_claim(claim, verify=self.verify)
+                if self._relay is not None and self._relay.connected:
+                    result = await self._relay_claim(claim, self._relay)
+                else:  # alone, or Redis is down: nobody else would hear of it
+                    result = await self._client._feed_claim(claim, verify=self.verify)
         except ClientClosedError:
             self.stats.ignored += 1
         except NanoBananaError as exc:
@@ -319,6 +346,22 @@ class CallbackReceiver:
             else:
                 self.stats.resolved += 1
                 logger.debug("callback finished task %r", task_id)
+
+    async def _relay_claim(self, claim: Task, relay: RedisRelay) -> Task | None:
+        """Confirm a delivery whoever waits on it, settle waiters here, tell the others.
+
+        Only this replica reads the task: the others trust the relayed record.
+        """
+        record = claim
+        if self.verify:
+            try:
+                record = await self._client.retrieve(claim.id)
+            except TaskNotFoundError:
+                return None  # forged, or another account's id: nothing to relay
+        resolved = self._client._feed_relayed(record)
+        if await relay.publish(record):
+            self.stats.relayed += 1
+        return record if resolved else None
 
     # --- lifecycle --------------------------------------------------------------------
 
