@@ -15,7 +15,7 @@ from typing import Any, Final
 import aiohttp
 from yarl import URL
 
-from . import _download, _protocol, _transport
+from . import _download, _images, _protocol, _transport
 from ._concurrency import gather_or_cancel
 from ._errors import (
     APIConnectionError,
@@ -243,7 +243,7 @@ class NanoBananaClient:
     async def edit(
         self,
         prompt: str,
-        image_urls: Sequence[str],
+        image_urls: Sequence[str | os.PathLike[str] | bytes],
         *,
         model: str | None = None,
         aspect_ratio: str | None = None,
@@ -251,11 +251,16 @@ class NanoBananaClient:
         count: int | None = None,
         callback_url: str | None = None,
     ) -> Submission:
-        """Submit an edit of ``image_urls`` (http(s) or ``data:`` URLs); returns at once."""
+        """Submit an edit of ``image_urls``; returns at once.
+
+        Each image is an http(s) or ``data:`` URL, sent as it is, or a file path or the
+        image's bytes, sent as a ``data:`` URL (files are read off the event loop). Every
+        entry is checked against the API's 10 MB limit before any request.
+        """
         body = _protocol.build_submission(
             "edit",
             prompt,
-            image_urls=image_urls,
+            image_urls=await _images.image_urls(image_urls),
             model=model,
             aspect_ratio=aspect_ratio,
             resolution=resolution,
