@@ -46,7 +46,7 @@ TaskRef = str | Submission | Task
 class NanoBananaClient:
     """An asyncio client for the Nano Banana API; one per event loop, closed when done.
 
-    Use it as ``async with NanoBananaClient() as client:`` or call :meth:`aclose`. It
+    Use it as ``async with NanoBananaClient() as client:`` or call [`aclose`][]. It
     creates its aiohttp session on first use inside the running loop, or borrows
     ``session``, which it then never closes. A borrowed session's own default headers
     go with every request it makes, image downloads included: do not give it one that

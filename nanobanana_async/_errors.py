@@ -19,7 +19,7 @@
     ├── DownloadError                 an image could not be saved (``url``, ``status``)
     └── ClientClosedError             the client was closed (before or during the call)
 
-Bad arguments raise :class:`ValueError` before any request is made. No exception's
+Bad arguments raise ``ValueError`` before any request is made. No exception's
 ``str`` or ``repr`` ever contains the API token: they are built only from status codes,
 error codes, messages from the service and ids.
 """

@@ -29,9 +29,9 @@ _KINDS: Final = "PNG, JPEG, WebP or GIF"
 def image_url(image: ImageInput, *, name: str = "image") -> str:
     """One image as the API takes it; ``name`` says which entry it is in error messages.
 
-    Reads the file of a path, so call it off the event loop (:func:`image_urls` does).
-    A missing or unreadable file raises the :class:`OSError` of the read; an entry that
-    is not a PNG, JPEG, WebP or GIF image, or too large for the API, a :class:`ValueError`
+    Reads the file of a path, so call it off the event loop (``image_urls`` does).
+    A missing or unreadable file raises the ``OSError`` of the read; an entry that
+    is not a PNG, JPEG, WebP or GIF image, or too large for the API, a ``ValueError``
     naming the file.
     """
     if isinstance(image, str) and _is_url(image):
