@@ -32,6 +32,7 @@ if TYPE_CHECKING:
 
 try:
     import pytest_asyncio
+    import pytest_asyncio.plugin
 except ImportError:  # anyio alone, or neither
     pytest_asyncio = None  # type: ignore[assignment]
 
@@ -87,7 +88,10 @@ def _variant(request: pytest.FixtureRequest, what: str) -> str:
         if name != "asyncio":
             pytest.skip(f"{fixture} needs anyio's asyncio backend (aiohttp), not {name}")
         return f"_{fixture}_anyio"
-    if pytest_asyncio is not None and request.config.pluginmanager.has_plugin("asyncio"):
+    # Registered under whatever name it was loaded by (entry point "asyncio", or -p).
+    if pytest_asyncio is not None and request.config.pluginmanager.is_registered(
+        pytest_asyncio.plugin
+    ):
         mode = request.config.getoption("asyncio_mode", None) or request.config.getini(
             "asyncio_mode"
         )

@@ -178,6 +178,17 @@ def test_a_project_with_neither_plugin_is_not_broken(project: pytest.Pytester) -
     result.stdout.fnmatch_lines(["*no plugin here runs async tests: install pytest-asyncio*"])
 
 
+def test_with_plugin_autoloading_off_the_plugins_load_by_module(
+    project: pytest.Pytester, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("PYTEST_DISABLE_PLUGIN_AUTOLOAD", "1")
+    project.makepyfile(test_readme=readme_testing_snippet())
+    result = run(
+        project, "-p", "pytest_asyncio.plugin", "-p", "nanobanana_async.pytest_plugin"
+    )
+    result.assert_outcomes(passed=1)
+
+
 def test_the_plugin_is_registered_by_its_entry_point(project: pytest.Pytester) -> None:
     project.makepyfile(test_plain=NEITHER_TESTS.split("\n\n\nasync def")[0])
     result = run(project, "--trace-config", "-p", "no:asyncio", "-p", "no:anyio")
