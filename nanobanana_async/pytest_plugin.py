@@ -38,7 +38,8 @@ except ImportError:  # anyio alone, or neither
 
 __all__ = ["CLIENT_OPTIONS", "nanobanana_client", "nanobanana_server", "nanobanana_server_options"]
 
-#: Client settings that keep tests fast: short polls (retries that do not wait are added).
+#: The ``nanobanana_client`` fixture's settings, besides ``retry=RetryPolicy.no_wait()``:
+#: short polls and request timeouts, so tests stay fast.
 CLIENT_OPTIONS: Final[dict[str, Any]] = {
     "poll_interval": 0.02,
     "max_poll_interval": 0.1,
@@ -77,7 +78,9 @@ def _variant(request: pytest.FixtureRequest, what: str) -> str:
     picks one, or explains what the test lacks.
     """
     fixture = f"nanobanana_{what}"
-    if not inspect.iscoroutinefunction(getattr(request.node, "function", None)):
+    test = getattr(request.node, "function", None)
+    test = getattr(getattr(test, "hypothesis", None), "inner_test", test)  # under @given
+    if not inspect.iscoroutinefunction(test):
         pytest.fail(
             f"{fixture} runs on the test's event loop: use it in an async def test",
             pytrace=False,
