@@ -1,4 +1,4 @@
-"""Callbacks as the fast path versus polling alone, against the fake server (issue 5).
+"""Callbacks as the fast path versus polling alone, against the fake server.
 
 The workload is ``bench_polling.py``'s: N tasks (default 200) lasting uniform 2..8 s, same
 seed, all awaited at once with ``client.await_completion`` and default client settings

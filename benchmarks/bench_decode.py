@@ -1,4 +1,4 @@
-"""Decoding a 50-record ``retrieve_batch`` answer, beside ``json.loads`` alone (issue 2).
+"""Decoding a 50-record ``retrieve_batch`` answer, beside ``json.loads`` alone.
 
 The body holds 50 finished records shaped like the protocol notes' example, with every
 bookkeeping field (``_id``, ``api_id``, ``application_id``, ``credential_id``,

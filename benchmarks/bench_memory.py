@@ -1,4 +1,4 @@
-"""Memory per parked waiter, and the poller's CPU per round vs watched entries (issue 3).
+"""Memory per parked waiter, and the poller's CPU per round vs watched entries.
 
 Part 1: 10,000 concurrent ``client.wait(id, timeout=600)`` tasks on 10,000 pending tasks
 (``add_task(duration=3600)`` on the fake server, run in a child process so tracemalloc

@@ -1,4 +1,4 @@
-"""Shared batch polling vs one poll loop per task, against the fake server (issue 3).
+"""Shared batch polling vs one poll loop per task, against the fake server.
 
 N tasks whose durations are uniform over 2..8 s (``FakeNanoBanana(duration=(2.0, 8.0))``,
 same seed for both sides, so the same durations) are all awaited at once, by:

@@ -1,4 +1,4 @@
-"""``retrieve`` throughput against the fake server, beside a bare aiohttp loop (issue 2).
+"""``retrieve`` throughput against the fake server, beside a bare aiohttp loop.
 
 Both sides read the same finished tasks from the same fake server (in a child process,
 so ``time.process_time`` here is client CPU only), with the same concurrency:

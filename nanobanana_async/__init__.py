@@ -1,7 +1,7 @@
 """nanobanana-async: an asyncio client for the AceData Cloud Nano Banana image API.
 
-Submit with :meth:`NanoBananaClient.generate` or :meth:`~NanoBananaClient.edit`, then
-wait with :meth:`~NanoBananaClient.await_completion`: every wait on one client shares
+Submit with [`NanoBananaClient.generate`][] or [`edit`][NanoBananaClient.edit], then
+wait with [`await_completion`][NanoBananaClient.await_completion]: every wait on one client shares
 one poll loop that reads many tasks per request.
 """
 

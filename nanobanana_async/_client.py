@@ -24,7 +24,7 @@ from typing import Any, Final, TypeVar, cast
 import aiohttp
 from yarl import URL
 
-from . import _addresses, _download, _protocol, _transport
+from . import _addresses, _download, _images, _protocol, _transport
 from ._checks import check_count, check_number, check_timeout
 from ._concurrency import gather_or_cancel
 from ._errors import (
@@ -65,7 +65,7 @@ _Exchange = Callable[
 class NanoBananaClient:
     """An asyncio client for the Nano Banana API; one per event loop, closed when done.
 
-    Use it as ``async with NanoBananaClient() as client:`` or call :meth:`aclose`. It
+    Use it as ``async with NanoBananaClient() as client:`` or call [`aclose`][]. It
     creates its aiohttp session on first use inside the running loop, or borrows
     ``session``, which it then never closes. Its own session keeps no cookies (so an
     image host's cookie never reaches the API) and never connects to a link-local
@@ -290,7 +290,7 @@ class NanoBananaClient:
     async def edit(
         self,
         prompt: str,
-        image_urls: Sequence[str],
+        image_urls: Sequence[str | os.PathLike[str] | bytes],
         *,
         model: str | None = None,
         aspect_ratio: str | None = None,
@@ -298,11 +298,16 @@ class NanoBananaClient:
         count: int | None = None,
         callback_url: str | None = None,
     ) -> Submission:
-        """Submit an edit of ``image_urls`` (http(s) or ``data:`` URLs); returns at once."""
+        """Submit an edit of ``image_urls``; returns at once.
+
+        Each image is an http(s) or ``data:`` URL, sent as it is, or a file path or the
+        image's bytes, sent as a ``data:`` URL (files are read off the event loop). Every
+        entry is checked against the API's 10 MB limit before any request.
+        """
         body = _protocol.build_submission(
             "edit",
             prompt,
-            image_urls=image_urls,
+            image_urls=await _images.image_urls(image_urls),
             model=model,
             aspect_ratio=aspect_ratio,
             resolution=resolution,

@@ -22,18 +22,18 @@
     └── ClientClosedError             the client was closed (before or during the call)
 
 Where each answer is judged
-    ``_transport.post`` turns network failures into :class:`APIConnectionError` and
-    refuses a body past ``max_response_bytes`` (:class:`ResponseDecodeError`). Then one
+    ``_transport.post`` turns network failures into [`APIConnectionError`][] and
+    refuses a body past ``max_response_bytes`` ([`ResponseDecodeError`][]). Then one
     I/O-free ``_protocol.parse_*`` function per answer kind judges status and body
-    together (``_protocol.decipher``): every :class:`APIError`, whether it came as a
-    status or in a 200 body, every :class:`ResponseDecodeError` and
-    :class:`TaskNotFoundError`. Both run inside each retried attempt, so ``_retry``'s
+    together (``_protocol.decipher``): every [`APIError`][], whether it came as a
+    status or in a 200 body, every [`ResponseDecodeError`][] and
+    [`TaskNotFoundError`][]. Both run inside each retried attempt, so ``_retry``'s
     predicates see every error the same way. The poll loop (``_poller``) adds
-    :class:`TaskTimeoutError`, :class:`TaskNotFoundError` after its grace, and
-    :class:`ClientClosedError`; ``await_completion`` adds :class:`TaskFailedError`;
-    ``_download`` raises :class:`DownloadError`.
+    [`TaskTimeoutError`][], [`TaskNotFoundError`][] after its grace, and
+    [`ClientClosedError`][]; ``await_completion`` adds [`TaskFailedError`][];
+    ``_download`` raises [`DownloadError`][].
 
-Bad arguments raise :class:`ValueError` before any request is made. No exception's
+Bad arguments raise ``ValueError`` before any request is made. No exception's
 ``str`` or ``repr`` ever contains the API token: they are built only from status codes,
 error codes, messages from the service and ids; and no aiohttp exception (whose
 ``request_info`` holds the request's headers) is chained to them.

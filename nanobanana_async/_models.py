@@ -24,7 +24,7 @@ __all__ = [
 
 
 class TaskState(enum.Enum):
-    """Where a task stands; the wire has no such field, see :attr:`Task.state`."""
+    """Where a task stands; the wire has no such field, see [`Task.state`][]."""
 
     PENDING = "pending"
     SUCCEEDED = "succeeded"
@@ -75,7 +75,7 @@ class TaskResponse:
 class Task:
     """A task record as ``retrieve`` answers it.
 
-    The service has no status field; :attr:`state` applies the rule from the protocol
+    The service has no status field; [`state`][] applies the rule from the protocol
     notes: failed if the response or the record carries a failure, or the record is
     finished without any image; succeeded with at least one image URL; pending
     otherwise (including an acknowledgment ``{"success": true}`` with no data).

@@ -1,6 +1,6 @@
 """A fake Nano Banana server for tests, benchmarks and demos.
 
-:class:`FakeNanoBanana` is a real :mod:`aiohttp.web` server on 127.0.0.1 that speaks the
+[`FakeNanoBanana`][] is a real ``aiohttp.web`` server on 127.0.0.1 that speaks the
 AceData Cloud Nano Banana wire protocol (``POST /nano-banana/images`` and
 ``POST /nano-banana/tasks``), plus a second listener that hosts the generated images on a
 different host name *and* port, so a client can tell the API from the image CDN.  It is cheap
@@ -59,7 +59,7 @@ Direct control (no HTTP)
     callback_url=None, task_id=None, error_code=None, error_message=None) -> str`` creates a
     task (the server must be running; prompt markers and ``fail_rate`` do not apply, its
     ``request`` is a synthetic ``{"action": "generate", "prompt", "async": true, ...}``);
-    ``finish(task_id)`` finishes it now; ``tasks`` maps ids to :class:`FakeTask` objects, which
+    ``finish(task_id)`` finishes it now; ``tasks`` maps ids to [`FakeTask`][] objects, which
     expose ``id``, ``outcome``, ``count``, ``prompt``, ``request``, ``callback_url``,
     ``trace_id``, ``created_at``, ``finishes_at`` (``time.monotonic()`` of the finish, for
     latency measurements), ``finishes_at_wall`` (``time.time()``), ``duration``,
@@ -96,10 +96,10 @@ Image listener
     the request's own path and query, so repeating it makes a loop), ``"svg"`` (200
     ``image/svg+xml``: an SVG with a ``<script>``) and ``"set_cookie"`` (the normal answer
     plus ``Set-Cookie: fake_cdn=...; Path=/``).  ``"drip"`` and ``"endless"`` answer whether
-    or not the task exists.  :func:`make_png` builds such PNGs.
+    or not the task exists.  [`make_png`][] builds such PNGs.
 
 Counters
-    ``counts`` (a :class:`collections.Counter` keyed by body action, ``"invalid"`` when the body
+    ``counts`` (a ``collections.Counter`` keyed by body action, ``"invalid"`` when the body
     has none, counting every API request including faulted ones), ``batch_sizes`` (number of
     ids in each ``retrieve_batch``) and ``reset_counts()`` (clears both).
 
@@ -107,7 +107,7 @@ Callbacks
     A task with a ``callback_url`` is POSTed its result body once, unsigned, when it finishes;
     delivery errors are swallowed.  ``drop_callbacks(times=1)`` silently drops the next
     deliveries (counted in ``callbacks_dropped``); ``callback_deliveries`` lists
-    :class:`CallbackDelivery` ``(task_id, url, status, error)`` for every attempt made.
+    [`CallbackDelivery`][] ``(task_id, url, status, error)`` for every attempt made.
 """
 
 from __future__ import annotations
@@ -163,7 +163,7 @@ RESOLUTIONS: Final[frozenset[str]] = frozenset({"1K", "2K", "4K"})
 """Documented ``resolution`` values."""
 
 OUTCOMES: Final[frozenset[str]] = frozenset({"succeed", "fail", "fail_top_level", "fail_no_images"})
-"""Valid ``outcome`` values for :meth:`FakeNanoBanana.add_task`."""
+"""Valid ``outcome`` values for [`FakeNanoBanana.add_task`][]."""
 
 _FAILURE_ROTATION: Final = ("fail", "fail_top_level", "fail_no_images")
 _PENDING_SHAPES: Final = frozenset({"ack", "none", "mixed"})

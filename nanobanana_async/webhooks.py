@@ -1,9 +1,9 @@
 """Receive the service's ``callback_url`` deliveries: the fast path beside polling.
 
 The service POSTs a finished task's result to the ``callback_url`` of its submission,
-unsigned and at most once. :class:`CallbackReceiver` takes those deliveries, checks a
+unsigned and at most once. [`CallbackReceiver`][] takes those deliveries, checks a
 secret carried in the URL, answers at once, and then hands the body to
-:meth:`NanoBananaClient.feed_callback` in the background, which by default confirms the
+[`NanoBananaClient.feed_callback`][] in the background, which by default confirms the
 task with one ``retrieve`` before it resolves any waiter. A wait on a task submitted
 with a callback is still polled, lazily, so a lost delivery costs latency, not a hang.
 
@@ -16,7 +16,7 @@ With aiohttp::
     urls = await client.await_completion(submission)
 
 With any other framework (Starlette, FastAPI, Django, ...), read the body and the
-``nb_secret`` query parameter and answer with the status :meth:`CallbackReceiver.receive`
+``nb_secret`` query parameter and answer with the status [`CallbackReceiver.receive`][]
 returns::
 
     body = await request.body()
@@ -28,7 +28,7 @@ API
     max_concurrency=32, max_pending=4096, relay=None)``; ``callback_url(public_url) -> str``;
     ``await receive(body, *, secret) -> int``; ``await handle(request) -> web.Response``
     (an aiohttp handler); ``add_route(app, path=DEFAULT_PATH)``; ``await drain()``;
-    ``await aclose(timeout=5.0)``; ``stats`` (a :class:`ReceiverStats`); ``pending``.
+    ``await aclose(timeout=5.0)``; ``stats`` (a [`ReceiverStats`][]); ``pending``.
 
 Answers
     200 accepted (also for duplicates, late deliveries and tasks nobody waits on, which
@@ -78,7 +78,7 @@ logger = logging.getLogger("nanobanana_async.webhooks")
 
 #: The query parameter that carries the receiver's secret in a callback URL.
 SECRET_PARAM: Final = "nb_secret"
-#: Where :meth:`CallbackReceiver.add_route` mounts the receiver by default.
+#: Where [`CallbackReceiver.add_route`][] mounts the receiver by default.
 DEFAULT_PATH: Final = "/nanobanana/callback"
 
 _MIN_SECRET_LENGTH: Final = 16
@@ -185,7 +185,7 @@ class CallbackReceiver:
 
     @property
     def closed(self) -> bool:
-        """Whether :meth:`aclose` was called; a closed receiver answers 503."""
+        """Whether [`aclose`][] was called; a closed receiver answers 503."""
         return self._closed
 
     # --- building callback URLs ----------------------------------------------------
@@ -271,7 +271,7 @@ class CallbackReceiver:
         return self._accept(b"".join(chunks))
 
     def add_route(self, app: web.Application, path: str = DEFAULT_PATH) -> web.AbstractRoute:
-        """Mount :meth:`handle` at ``POST path`` and close the receiver on app shutdown."""
+        """Mount [`handle`][] at ``POST path`` and close the receiver on app shutdown."""
         route = app.router.add_post(path, self.handle)
         app.on_shutdown.append(self._on_app_shutdown)
         return route

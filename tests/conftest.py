@@ -19,6 +19,8 @@ settings.register_profile("ci", derandomize=True, deadline=None)
 settings.register_profile("dev", deadline=None)
 settings.load_profile("ci" if os.environ.get("CI") else "dev")
 
+pytest_plugins = ["pytester"]  # tests/test_pytest_plugin.py runs small user projects
+
 FIXTURES = Path(__file__).parent / "fixtures"
 
 # Fast, deterministic settings: short polls, retries without waiting.

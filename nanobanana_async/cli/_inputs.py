@@ -5,20 +5,15 @@ Both read files or stdin, so they run before the event loop starts.
 
 from __future__ import annotations
 
-import base64
 import json
 import os
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Final, TextIO
+from typing import TextIO
+
+from .._images import MAX_IMAGE_URL_BYTES, image_url
 
 __all__ = ["MAX_IMAGE_URL_BYTES", "UsageError", "image_reference", "out_folder", "read_task_ids"]
-
-#: The API takes each entry of ``image_urls`` up to 10 MB, a ``data:`` URL included.
-MAX_IMAGE_URL_BYTES: Final = 10 * 1024 * 1024
-
-_REMOTE: Final = ("http://", "https://", "data:")
-
 
 class UsageError(Exception):
     """The command line asks for something that cannot work (exit code 2)."""
@@ -26,41 +21,14 @@ class UsageError(Exception):
 
 def image_reference(value: str) -> str:
     """An ``--image`` value as the API takes it: URLs pass, a file becomes a data: URL."""
-    if value.startswith(_REMOTE):
-        return value
-    path = Path(value).expanduser()
-    if not path.is_file():
-        raise UsageError(f"image file not found: {value}")
-    # base64 grows the bytes by 4/3: check before reading a file that cannot fit anyway.
-    limit_raw = MAX_IMAGE_URL_BYTES * 3 // 4
-    size = path.stat().st_size
-    if size > limit_raw:
-        raise UsageError(
-            f"image file too large: {value} is {size / 1e6:.1f} MB; "
-            f"the API takes images up to 10 MB as data: URLs (about {limit_raw / 1e6:.1f} MB "
-            "of file); upload it somewhere and pass its URL instead"
-        )
     try:
-        data = path.read_bytes()
+        return image_url(value, name=value)
+    except FileNotFoundError:
+        raise UsageError(f"image file not found: {value}") from None
     except OSError as exc:
         raise UsageError(f"cannot read image file {value}: {exc.strerror or exc}") from None
-    mime = _sniff(data)
-    if mime is None:
-        raise UsageError(f"not an image file (expected PNG, JPEG, WebP or GIF): {value}")
-    return f"data:{mime};base64,{base64.b64encode(data).decode('ascii')}"
-
-
-def _sniff(data: bytes) -> str | None:
-    """The image type from the file's first bytes; the name's extension can lie."""
-    if data.startswith(b"\x89PNG\r\n\x1a\n"):
-        return "image/png"
-    if data.startswith(b"\xff\xd8\xff"):
-        return "image/jpeg"
-    if data.startswith((b"GIF87a", b"GIF89a")):
-        return "image/gif"
-    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
-        return "image/webp"
-    return None
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
 
 
 def read_task_ids(values: Sequence[str], stdin: TextIO) -> list[str]:
