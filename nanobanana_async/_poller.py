@@ -86,6 +86,7 @@ _MAX_FAILURE_WAIT = 30.0  # cap on the loop's own backoff after failed requests
 _MAX_IN_FLIGHT = 16  # requests running at once
 _GARBLED = 3  # unreadable answers in a row, for one id alone, that fail its waiters
 _RECENT_LIMIT = 1024  # callbacks remembered for waits not started yet
+_SLACK = 0.001  # seconds: due this soon is due now
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -425,7 +426,7 @@ class Poller:
             return
         entry.lazy = False
         if not entry.polling:
-            self._schedule(entry, asyncio.get_running_loop().time())
+            self._push(entry, asyncio.get_running_loop().time())  # read it now
 
     def watching(self, task_id: str) -> bool:
         """Whether some waiter is waiting on ``task_id``."""
@@ -553,16 +554,14 @@ class Poller:
             due = now + self._lazy_poll_interval
         else:
             age = now - entry.born
-            first = _FIRST_POLL * self._poll_interval
-            if entry.aged and age < first:
-                due = entry.born + first
-            else:
-                interval = min(
-                    max(_AGE_FACTOR * age, self._poll_interval), self._max_poll_interval
-                )
-                due = now + interval
-            if entry.aged and self._shortest is not None:
-                due = max(due, entry.born + _LEARNED * self._shortest)
+            interval = min(max(_AGE_FACTOR * age, self._poll_interval), self._max_poll_interval)
+            due = now + interval
+            if entry.aged:
+                # A fresh task's first read waits until it could be done; so does any
+                # read of a task younger than the shortest duration seen lately.
+                due = max(due, entry.born + _FIRST_POLL * self._poll_interval)
+                if self._shortest is not None:
+                    due = max(due, entry.born + _LEARNED * self._shortest)
         self._push(entry, due)
 
     def _push(self, entry: _Entry, due: float) -> None:
@@ -614,7 +613,9 @@ class Poller:
     async def _rounds(self) -> None:
         loop = asyncio.get_running_loop()
         while self._entries:
-            now = loop.time()
+            # A timer may fire a hair before its time (the clock's resolution): what is
+            # due within _SLACK counts as due, so the loop never spins waiting for it.
+            now = loop.time() + _SLACK
             wake_at = self._next_round(now)
             if wake_at > now:
                 await self._sleep_until(wake_at)

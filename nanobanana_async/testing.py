@@ -81,7 +81,10 @@ Fault injection (API listener)
     wire; streamed, so the server's memory stays small).  ``retry_after`` adds a
     ``Retry-After`` header to ``"error"`` and ``"rate_limit"`` answers, verbatim when it is a
     string (``"0"``, ``"-5"``, an HTTP date in the past).  A faulted submission creates no
-    task, except ``"slow"``.  ``clear_faults()`` empties the queue.
+    task, except ``"slow"``.  With ``task_id``, a fault applies only to requests that name
+    that task (``retrieve``'s ``id``, or one of ``retrieve_batch``'s ``ids``), so a test can
+    make the service refuse, or hang on, the batches that hold one id.  ``clear_faults()``
+    empties the queue.
 
 Image listener
     ``GET /img/<task_id>/<i>.png`` serves a 16x16 solid-colour PNG for a finished, successful
@@ -394,6 +397,7 @@ class _Fault:
     delay: float
     body: str | None
     size: int
+    task_id: str | None = None
 
 
 @attrs.define
@@ -740,8 +744,10 @@ class FakeNanoBanana:
         message: str | None = None,
         body: str | None = None,
         size: int = 1 << 30,
+        task_id: str | None = None,
     ) -> None:
-        """Queue a fault for the next ``times`` API requests whose body action matches."""
+        """Queue a fault for the next ``times`` API requests whose body action matches
+        (and, with ``task_id``, that name that task: its ``id`` or one of its ``ids``)."""
         if kind not in _FAULT_KINDS:
             raise ValueError(f"fault kind must be one of {sorted(_FAULT_KINDS)}, got {kind!r}")
         if times < 1:
@@ -753,7 +759,9 @@ class FakeNanoBanana:
         if size < 0:
             raise ValueError(f"size must be >= 0, got {size!r}")
         self._faults.append(
-            _Fault(kind, times, action, status, code, message, retry_after, delay, body, size)
+            _Fault(
+                kind, times, action, status, code, message, retry_after, delay, body, size, task_id
+            )
         )
 
     def inject_image(
@@ -949,11 +957,17 @@ class FakeNanoBanana:
         action = body.get("action")
         return body, action if isinstance(action, str) else "invalid"
 
-    def _take_fault(self, action: str) -> _Fault | None:
-        """Consume the first queued fault that matches ``action`` (FIFO)."""
+    def _take_fault(self, action: str, body: dict[str, Any] | None) -> _Fault | None:
+        """Consume the first queued fault that matches ``action`` and ``body`` (FIFO)."""
         if not self._faults:
             return None
+        named: set[Any] = set()
+        if body is not None:
+            ids = body.get("ids")
+            named = {body.get("id"), *(ids if isinstance(ids, list) else ())}
         for i, fault in enumerate(self._faults):
+            if fault.task_id is not None and fault.task_id not in named:
+                continue
             if fault.action is None or fault.action == action:
                 fault.remaining -= 1
                 if fault.remaining <= 0:
@@ -1042,7 +1056,7 @@ class FakeNanoBanana:
         self.counts[key] += 1
         if key == "retrieve_batch" and body is not None and isinstance(body.get("ids"), list):
             self.batch_sizes.append(len(body["ids"]))
-        fault = self._take_fault(key)
+        fault = self._take_fault(key, body)
         if fault is not None:
             answer = await self._apply_fault(request, fault)
             if answer is not None:

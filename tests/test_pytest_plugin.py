@@ -129,7 +129,10 @@ def project(pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch) -> pytes
 
 
 def run(project: pytest.Pytester, *args: str) -> pytest.RunResult:
-    return project.runpytest_subprocess("-p", "no:cacheprovider", *args, timeout=120)
+    # looptime is one of this repo's test tools, not the user project's: keep it out.
+    return project.runpytest_subprocess(
+        "-p", "no:cacheprovider", "-p", "no:looptime_plugin", *args, timeout=120
+    )
 
 
 def readme_testing_snippet() -> str:

@@ -10,6 +10,7 @@ import pytest
 
 from nanobanana_async import (
     AuthenticationError,
+    BadRequestError,
     ClientClosedError,
     NanoBananaClient,
     PermissionDeniedError,
@@ -243,6 +244,61 @@ async def test_fatal_errors_fail_every_waiter(
     )
     assert all(isinstance(result, error) for result in results)
     assert not poller_tasks()
+
+
+async def test_a_400_on_the_batch_holding_one_bad_id_fails_that_waiter_only(
+    make_client: MakeClient, server: FakeNanoBanana
+) -> None:
+    ids = [server.add_task(duration=0.2) for _ in range(12)]
+    bad = ids[5]
+    server.inject("error", status=400, action="retrieve_batch", task_id=bad, times=100)
+    async with make_client() as client:
+        results = await asyncio.gather(
+            *(client.wait(i, timeout=10) for i in ids), return_exceptions=True
+        )
+    assert isinstance(results[5], BadRequestError)
+    others = [result for index, result in enumerate(results) if index != 5]
+    assert all(isinstance(r, Task) and r.state is TaskState.SUCCEEDED for r in others)
+
+
+async def test_a_hung_batch_does_not_hold_the_others(
+    make_client: MakeClient, server: FakeNanoBanana
+) -> None:
+    hung = server.add_task(duration=0.0)
+    quick = server.add_task(duration=0.3)
+    server.inject("slow", delay=20, action="retrieve_batch", task_id=hung)
+    async with make_client(batch_size=1, timeout=30) as client:
+        loop = asyncio.get_running_loop()
+        stuck = asyncio.create_task(client.wait(hung, timeout=60))
+        await asyncio.sleep(0.05)  # the hung request is out
+        started = loop.time()
+        await client.wait(quick, timeout=10)
+        assert loop.time() - started < 5  # not 20 s behind the hung request
+        assert not stuck.done()
+        stuck.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await stuck
+
+
+async def test_retry_after_zero_on_every_poll_costs_a_bounded_number_of_requests(
+    make_client: MakeClient, server: FakeNanoBanana
+) -> None:
+    interval = 0.2
+    task_id = server.add_task(duration=60)
+    server.inject("rate_limit", retry_after="0", action="retrieve_batch", times=1000)
+    async with make_client(poll_interval=interval, max_poll_interval=interval) as client:
+        with pytest.raises(TaskTimeoutError):
+            await client.wait(task_id, timeout=0.6)
+    # In 3 poll intervals: at most 3 / poll_interval-worth of requests, plus 3.
+    assert server.counts["retrieve_batch"] <= 3 + 3
+
+
+def test_a_nan_timeout_is_refused(client: NanoBananaClient) -> None:
+    for bad in (float("nan"), float("inf"), -1, True):
+        with pytest.raises(ValueError, match="timeout"):
+            client.wait("x", timeout=bad)  # type: ignore[arg-type]
+        with pytest.raises(ValueError, match="timeout"):
+            client.await_completion("x", timeout=bad)  # type: ignore[arg-type]
 
 
 async def test_aclose_fails_waits_in_progress(
