@@ -26,16 +26,21 @@ from __future__ import annotations
 import argparse
 import asyncio
 import gc
+import json
 import time
 import tracemalloc
 from collections.abc import Sequence
+from typing import Any
 
+import aiohttp
 from _common import RemoteFake, fmt_ratio, median, print_table, verdict
 
-from nanobanana_async import NanoBananaClient, ResponseDecodeError, Task, TaskResponse
+from nanobanana_async import NanoBananaClient, RetryPolicy, Task
 from nanobanana_async._poller import Poller, Target
 
-BYTES_TARGET = 3 * 1024
+BYTES_TARGET = 2048
+CPU_PER_REQUEST_TARGET = 1.5
+RATE = 20  # the client's default max_requests_per_second
 LEFT_TARGET = 256  # bytes per waiter still allocated after every waiter was cancelled
 CPU_RATIO_TARGET = 3.0
 BATCH = 50
@@ -75,9 +80,40 @@ async def bare_bytes_per_task(n: int) -> float:
     return grown / n
 
 
-async def waiter_memory(n: int) -> None:
+async def bare_cpu_per_request(
+    server: RemoteFake, batches: list[list[str]], rate: int, seconds: float
+) -> tuple[float, int]:
+    """Baseline: a bare aiohttp session + ``json.loads`` doing the same 50-id requests at
+    the poll loop's pace (``rate`` at once, once a second); CPU seconds per request."""
+    url = server.base_url + "/nano-banana/tasks"
+    headers = {"authorization": f"Bearer {server.token}", "content-type": "application/json"}
+    done = 0
+    async with aiohttp.ClientSession() as session:
+
+        async def one(ids: list[str]) -> None:
+            body = json.dumps({"action": "retrieve_batch", "ids": ids}).encode()
+            async with session.post(url, data=body, headers=headers) as response:
+                json.loads(await response.read())
+
+        await asyncio.gather(*(one(batch) for batch in batches[:rate]))  # warm up
+        loop = asyncio.get_running_loop()
+        cpu0, start = time.process_time(), loop.time()
+        second = 0
+        while loop.time() - start < seconds:
+            chunk = [batches[(done + i) % len(batches)] for i in range(rate)]
+            await asyncio.gather(*(one(batch) for batch in chunk))
+            done += rate
+            second += 1
+            await asyncio.sleep(max(0.0, start + second - loop.time()))
+        cpu = time.process_time() - cpu0
+    return cpu / done, done
+
+
+async def waiter_memory(n: int, cpu_seconds: float) -> None:
     async with RemoteFake(duration=3600.0) as server:
         ids = [task.id for task in await server.add_tasks(n, duration=3600.0)]
+        batches = [ids[i : i + BATCH] for i in range(0, n, BATCH)]
+        bare_before, _ = await bare_cpu_per_request(server, batches, RATE, cpu_seconds)
         async with NanoBananaClient(server.token, base_url=server.base_url) as client:
             # Warm up once: session, connection pool, code paths, a first poll loop.
             await client.retrieve(ids[0])
@@ -107,25 +143,74 @@ async def waiter_memory(n: int) -> None:
                 await asyncio.sleep(0.5)
                 polled = await traced()
                 snap_polled = tracemalloc.take_snapshot()
-                stats = await server.stats()
-                still_waiting = sum(1 for w in waiters if not w.done())
-
-                cancel_started = time.perf_counter()
-                for waiter in waiters:
-                    waiter.cancel()
-                outcomes = await asyncio.gather(*waiters, return_exceptions=True)
-                cancel_seconds = time.perf_counter() - cancel_started
-                cancelled = sum(1 for o in outcomes if isinstance(o, asyncio.CancelledError))
-                del outcomes, waiters  # they hold the exceptions, hence the waiters' frames
-                after_cancel = await traced()
-                snap_after = tracemalloc.take_snapshot()
             finally:
                 tracemalloc.stop()
+            stats = await server.stats()
+
+            # CPU per request with tracemalloc off, the waiters parked and polled by the
+            # budget: the client's CPU over a window, over the requests the server saw.
+            gc.collect()
+            first = await server.stats()
+            wall0, cpu0 = time.perf_counter(), time.process_time()
+            await asyncio.sleep(cpu_seconds)
+            cpu = time.process_time() - cpu0
+            last = await server.stats()
+            wall = time.perf_counter() - wall0
+            polls = last["counts"]["retrieve_batch"] - first["counts"]["retrieve_batch"]
+            ours_cpu = cpu / max(polls, 1)
+            ids_polled = sum(last["batch_sizes"][len(first["batch_sizes"]) :])
+            still_waiting = sum(1 for w in waiters if not w.done())
+
+            cancel_started = time.perf_counter()
+            for waiter in waiters:
+                waiter.cancel()
+            outcomes = await asyncio.gather(*waiters, return_exceptions=True)
+            cancel_seconds = time.perf_counter() - cancel_started
+            cancelled = sum(1 for o in outcomes if isinstance(o, asyncio.CancelledError))
+            del outcomes, waiters  # they hold the exceptions, hence the waiters' frames
+            tracemalloc.start(1)
+            after_cancel = await traced()
+            snap_after = tracemalloc.take_snapshot()
+            tracemalloc.stop()
             poller = client._poller  # private, read for diagnosis only
             loop_stopped = poller._task is None or poller._task.done()
             still_watched = sum(1 for i in ids if poller.watching(i))
             heap_left = len(poller._eager) + len(poller._lazy)
+        bare_after, bare_requests = await bare_cpu_per_request(server, batches, RATE, cpu_seconds)
 
+    bare_cpu = (bare_before + bare_after) / 2
+    print(
+        f"{n} waiters parked on pending tasks, polled within the default budget "
+        f"({RATE} requests/s): client CPU per {BATCH}-id request, tracemalloc off"
+    )
+    print_table(
+        ["side", "requests", "CPU us/request", "vs bare"],
+        [
+            [
+                "bare aiohttp + json.loads (baseline, before and after)",
+                bare_requests,
+                f"{bare_cpu * 1e6:.0f}",
+                "1.00x",
+            ],
+            ["this client's poll loop", polls, f"{ours_cpu * 1e6:.0f}", fmt_ratio(ours_cpu / bare_cpu)],
+        ],
+    )
+    rate = polls / wall
+    print(
+        f"poll loop over {wall:.1f} s: {polls} requests ({rate:.1f}/s), {ids_polled} ids "
+        f"({ids_polled / max(polls, 1):.1f} per request); waiters still waiting: {still_waiting}/{n}"
+    )
+    verdict(
+        f"client CPU per {BATCH}-id request at most {CPU_PER_REQUEST_TARGET}x the bare loop's",
+        ours_cpu <= CPU_PER_REQUEST_TARGET * bare_cpu,
+        f"{ours_cpu * 1e6:.0f} us vs {bare_cpu * 1e6:.0f} us = {fmt_ratio(ours_cpu / bare_cpu)}",
+    )
+    verdict(
+        f"request rate within the budget ({RATE}/s)",
+        rate <= RATE * 1.05,  # the window's edges can catch one extra burst's tail
+        f"{rate:.1f} requests/s",
+    )
+    print()
     per_parked = (parked - before) / n
     per_polled = (polled - before) / n
     left = (after_cancel - before) / n
@@ -183,15 +268,19 @@ async def waiter_memory(n: int) -> None:
 # --------------------------------------------------------------------------- part 2
 
 
-def pending_record(task_id: str) -> Task:
-    return Task(
-        id=task_id,
-        created_at=1757183036.787,
-        type="images",
-        trace_id=task_id,
-        request={"action": "generate", "prompt": "a test image", "async": True},
-        response=TaskResponse(success=True, task_id=task_id, trace_id=task_id),
-    )
+def pending_record(task_id: str) -> dict[str, Any]:
+    return {
+        "id": task_id,
+        "created_at": 1757183036.787,
+        "type": "images",
+        "trace_id": task_id,
+        "request": {"action": "generate", "prompt": "a test image", "async": True},
+        "response": {"success": True, "task_id": task_id, "trace_id": task_id},
+    }
+
+
+def itself(task: Task) -> Task:
+    return task
 
 
 async def round_cpu(watched: int, due: int, rounds: int) -> float:
@@ -201,12 +290,12 @@ async def round_cpu(watched: int, due: int, rounds: int) -> float:
     goal = 0
     reached = asyncio.Event()
 
-    async def fetch(ids: list[str]) -> tuple[dict[str, Task], dict[str, ResponseDecodeError]]:
+    async def fetch(ids: list[str]) -> dict[str, Any]:
         nonlocal fetched
         fetched += 1
         if fetched >= goal:
             reached.set()
-        return {i: records[i] for i in ids}, {}
+        return {i: records[i] for i in ids}
 
     async def until(count: int) -> None:
         nonlocal goal
@@ -222,10 +311,12 @@ async def round_cpu(watched: int, due: int, rounds: int) -> float:
         max_poll_interval=0.001,
         not_found_grace=30.0,
         lazy_poll_interval=3600.0,
+        retry=RetryPolicy(),
+        max_requests_per_second=10_000,
     )
     ids = list(records)
     waiters = [
-        asyncio.create_task(poller.wait(Target(i, lazy=n >= due), timeout=600))
+        asyncio.create_task(poller.wait(Target(i, lazy=n >= due), itself, timeout=600))
         for n, i in enumerate(ids)
     ]
     requests_per_round = -(-due // BATCH)
@@ -296,7 +387,7 @@ async def poller_cpu(
 
 
 async def main(args: argparse.Namespace) -> None:
-    await waiter_memory(args.waiters)
+    await waiter_memory(args.waiters, args.cpu_seconds)
     print()
     await poller_cpu(args.watched, args.due, args.rounds, args.repeat)
 
@@ -304,6 +395,9 @@ async def main(args: argparse.Namespace) -> None:
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
     parser.add_argument("--waiters", type=int, default=10_000, help="concurrent waiters (part 1)")
+    parser.add_argument(
+        "--cpu-seconds", type=float, default=6.0, help="CPU window of each side (part 1)"
+    )
     parser.add_argument(
         "--watched",
         type=int,

@@ -1,25 +1,28 @@
-"""Shared batch polling vs one poll loop per task, against the fake server.
+"""Shared polling vs the official SDK's ``AsyncTasks.wait``, against the fake server.
 
-N tasks whose durations are uniform over 2..8 s (``FakeNanoBanana(duration=(2.0, 8.0))``,
-same seed for both sides, so the same durations) are all awaited at once, by:
+The baseline is the real official SDK (``acedatacloud``, see ``requirements.txt`` beside
+this script), pointed at the same fake server: ``AsyncAceDataCloud(...).tasks.wait(id,
+service="nano-banana")`` reads each task alone, at once and then every 3 s.
 
-* shared: this client with default settings, ``await client.await_completion(task_id)``
-  for each task, through ``asyncio.gather``;
-* per-task: what the official SDK does, one loop per task: sleep 3 s, ``retrieve``, stop
-  when ``task.done``; same client class, same gather.
+Scenarios (each side on a fresh fake server in a child process, with the same seed, so
+the same durations; sides run one after the other):
 
-Each side gets a fresh fake server (in a child process, so ``time.process_time`` here is
-the client's CPU alone) and a fresh client; they run one after the other. Printed per
-side: poll requests (the server's ``retrieve_batch`` count for shared, ``retrieve`` for
-per-task), median / 90th percentile / max delay between a task finishing on the server
-(its record's ``finished_at``, wall clock) and its waiter returning (``time.time()``),
-client and server CPU seconds, and whether every waiter got its own task's image URLs.
+* ``many``: N tasks (2..8 s) awaited at once on one client: this client's
+  ``await_completion`` (default settings) vs N concurrent SDK waits on one SDK client.
+  Targets: N=200, at least 30x fewer poll requests than the SDK, median delay at most
+  0.6x the SDK's, max delay no worse; N=2000 (this client only by default), every waiter
+  gets its own task's URLs with at most 150 requests.
+* ``single``: 30 tasks (4..10 s), each waited on by a client of its own (a web request,
+  a bot reply): ``await_completion(submission)`` on a fresh ``NanoBananaClient`` per task vs
+  a fresh SDK client per task. Targets: median delay at most 0.6x the SDK's, at most 1.5x
+  its requests per task.
 
-Targets: for N=200, shared makes at most 1/20 of the per-task loop's poll requests and
-its median delay is no worse; for N=2000, every waiter returns the right URLs and shared
-makes at most 1/20 of the per-task loop's requests.
+Delay = the waiter's return (``time.time()``) minus the task's ``finished_at`` on the
+server (the same clock). Client CPU is ``time.process_time`` here (the server runs in its
+own process), measured with tracemalloc off.
 
-    python benchmarks/bench_polling.py [--n 200 2000] [--interval 3.0]
+    pip install -r benchmarks/requirements.txt
+    python benchmarks/bench_polling.py [--n 200 2000] [--sdk-max 200] [--single 30]
 """
 
 from __future__ import annotations
@@ -34,19 +37,24 @@ from typing import Any
 import attrs
 from _common import RemoteFake, RemoteTask, median, print_table, verdict
 
-from nanobanana_async import NanoBananaClient
+from nanobanana_async import NanoBananaClient, Submission
 
-REQUEST_FRACTION = 20  # shared must make at most 1/20 of the per-task loop's requests
-DURATION = (2.0, 8.0)
-DEADLINE = 120.0  # seconds for one side's whole run: the script always stops
+MANY_DURATION = (2.0, 8.0)
+SINGLE_DURATION = (4.0, 10.0)
+DEADLINE = 180.0  # seconds for one side's whole run: the script always stops
+REQUEST_FACTOR = 30  # N=200: at least 30x fewer poll requests than the SDK
+DELAY_RATIO = 0.6  # median delay at most 0.6x the SDK's
+SINGLE_REQUEST_RATIO = 1.5  # single waits: at most 1.5x the SDK's requests per task
+MAX_REQUESTS_2000 = 150
+OPTIONS: dict[str, Any] = {}  # client options from the command line (default: none)
 
 
 @attrs.frozen
 class SideResult:
     name: str
+    tasks: int
     requests: int
     ids_polled: int
-    other_requests: dict[str, int]
     delays: list[float]
     client_cpu: float
     server_cpu: float
@@ -55,80 +63,114 @@ class SideResult:
     errors: int
 
 
-Waiter = Callable[[NanoBananaClient, str], Awaitable[list[str]]]
+# A side: given the fake server and its tasks, wait on all of them; returns URLs by id.
+Side = Callable[[RemoteFake, list[RemoteTask], dict[str, float]], Awaitable[dict[str, list[str]]]]
 
 
-async def shared_waiter(client: NanoBananaClient, task_id: str) -> list[str]:
-    return await client.await_completion(task_id)
+def sdk_urls(record: dict[str, Any]) -> list[str]:
+    data = (record.get("response") or {}).get("data") or []
+    return [item["image_url"] for item in data if isinstance(item, dict) and "image_url" in item]
 
 
-def per_task_waiter(interval: float) -> Waiter:
-    async def waiter(client: NanoBananaClient, task_id: str) -> list[str]:
-        while True:
-            await asyncio.sleep(interval)
-            task = await client.retrieve(task_id)
-            if task.done:
-                return task.image_urls
+async def ours_many(
+    server: RemoteFake, tasks: list[RemoteTask], returned: dict[str, float]
+) -> dict[str, list[str]]:
+    urls: dict[str, list[str]] = {}
+    async with NanoBananaClient(server.token, base_url=server.base_url, **OPTIONS) as client:
 
-    return waiter
+        async def one(task: RemoteTask) -> None:
+            urls[task.id] = await client.await_completion(Submission(task_id=task.id))
+            returned[task.id] = time.time()
+
+        await asyncio.gather(*(one(task) for task in tasks))
+    return urls
 
 
-async def run_side(name: str, n: int, waiter: Waiter, poll_action: str, seed: int) -> SideResult:
-    async with RemoteFake(duration=DURATION, seed=seed) as server:  # noqa: SIM117
-        async with NanoBananaClient(server.token, base_url=server.base_url) as client:
-            before = await server.stats()
-            tasks = await server.add_tasks(n)
-            returned: dict[str, float] = {}
-            urls: dict[str, list[str]] = {}
-            errors = 0
+async def ours_single(
+    server: RemoteFake, tasks: list[RemoteTask], returned: dict[str, float]
+) -> dict[str, list[str]]:
+    urls: dict[str, list[str]] = {}
 
-            async def one(task: RemoteTask) -> None:
-                nonlocal errors
-                try:
-                    urls[task.id] = await waiter(client, task.id)
-                except Exception as exc:
-                    errors += 1
-                    if errors <= 3:
-                        print(f"  {name}: waiter for {task.id} failed: {exc!r}")
-                returned[task.id] = time.time()
+    async def one(task: RemoteTask) -> None:
+        # A client of its own, as a web request or a bot reply would have: the
+        # submission in hand (what generate returns), then one wait.
+        async with NanoBananaClient(server.token, base_url=server.base_url, **OPTIONS) as client:
+            urls[task.id] = await client.await_completion(Submission(task_id=task.id))
+            returned[task.id] = time.time()
 
-            wall0, cpu0 = time.perf_counter(), time.process_time()
+    await asyncio.gather(*(one(task) for task in tasks))
+    return urls
+
+
+def sdk_side(per_task_client: bool) -> Side:
+    async def side(
+        server: RemoteFake, tasks: list[RemoteTask], returned: dict[str, float]
+    ) -> dict[str, list[str]]:
+        from acedatacloud import AsyncAceDataCloud  # type: ignore[import-untyped]
+
+        urls: dict[str, list[str]] = {}
+        shared = None if per_task_client else AsyncAceDataCloud(
+            api_token=server.token, base_url=server.base_url
+        )
+
+        async def one(task: RemoteTask) -> None:
+            sdk = shared or AsyncAceDataCloud(api_token=server.token, base_url=server.base_url)
+            record = await sdk.tasks.wait(task.id, service="nano-banana", max_wait=DEADLINE)
+            returned[task.id] = time.time()
+            urls[task.id] = sdk_urls(record)
+
+        await asyncio.gather(*(one(task) for task in tasks))
+        return urls
+
+    return side
+
+
+async def run_side(
+    name: str, side: Side, n: int, duration: tuple[float, float], poll: str, seed: int
+) -> SideResult:
+    async with RemoteFake(duration=duration, seed=seed) as server:
+        before = await server.stats()
+        tasks = await server.add_tasks(n)
+        returned: dict[str, float] = {}
+        wall0, cpu0 = time.perf_counter(), time.process_time()
+        errors = 0
+        try:
             async with asyncio.timeout(DEADLINE):
-                await asyncio.gather(*(one(task) for task in tasks))
-            wall, cpu = time.perf_counter() - wall0, time.process_time() - cpu0
-            after = await server.stats()
-
+                urls = await side(server, tasks, returned)
+        except Exception as exc:
+            print(f"  {name}: failed: {exc!r}")
+            urls, errors = {}, 1
+        wall, cpu = time.perf_counter() - wall0, time.process_time() - cpu0
+        after = await server.stats()
     counts: dict[str, int] = after["counts"]
-    delays = [returned[t.id] - t.finishes_at_wall for t in tasks if t.id in urls]
-    wrong = sum(1 for t in tasks if urls.get(t.id) != t.image_urls)
+    requests = counts.get(poll, 0) - before["counts"].get(poll, 0)
     batch_sizes: list[int] = after["batch_sizes"]
-    requests = counts.get(poll_action, 0)
     return SideResult(
         name=name,
+        tasks=n,
         requests=requests,
-        ids_polled=sum(batch_sizes) if poll_action == "retrieve_batch" else requests,
-        other_requests={k: v for k, v in counts.items() if k != poll_action},
-        delays=delays,
+        ids_polled=sum(batch_sizes) if poll == "retrieve_batch" else requests,
+        delays=[returned[t.id] - t.finishes_at_wall for t in tasks if t.id in returned],
         client_cpu=cpu,
         server_cpu=after["cpu"] - before["cpu"],
         wall=wall,
-        wrong_urls=wrong,
+        wrong_urls=sum(1 for t in tasks if urls.get(t.id) != t.image_urls),
         errors=errors,
     )
 
 
-def percentile(values: Sequence[float], q: float) -> float:
+def percentile(values: Sequence[float], q: int) -> float:
     if len(values) < 2:
         return values[0] if values else float("nan")
-    return statistics.quantiles(values, n=100, method="inclusive")[int(q) - 1]
+    return statistics.quantiles(values, n=100, method="inclusive")[q - 1]
 
 
-def row(n: int, side: SideResult) -> list[Any]:
+def row(scenario: str, side: SideResult) -> list[Any]:
     return [
-        n,
+        scenario,
         side.name,
         side.requests,
-        side.ids_polled,
+        f"{side.requests / max(side.tasks, 1):.2f}",
         f"{side.ids_polled / max(side.requests, 1):.1f}",
         f"{median(side.delays):.3f}",
         f"{percentile(side.delays, 90):.3f}",
@@ -136,66 +178,106 @@ def row(n: int, side: SideResult) -> list[Any]:
         f"{side.client_cpu:.3f}",
         f"{side.server_cpu:.3f}",
         f"{side.wall:.1f}",
-        f"{n - side.wrong_urls}/{n}",
-        side.errors,
-        ",".join(f"{k}={v}" for k, v in sorted(side.other_requests.items())) or "-",
+        f"{side.tasks - side.wrong_urls}/{side.tasks}",
     ]
 
 
+def ratio(a: float, b: float) -> str:
+    return f"{a / b:.2f}x" if b else "n/a"
+
+
 async def main(args: argparse.Namespace) -> None:
+    if args.max_poll_interval is not None:
+        OPTIONS["max_poll_interval"] = args.max_poll_interval
     rows: list[list[Any]] = []
     checks: list[tuple[str, bool, str]] = []
     for n in args.n:
         seed = 1000 + n
-        shared = await run_side("shared (this client)", n, shared_waiter, "retrieve_batch", seed)
-        loop = await run_side(
-            f"per-task every {args.interval:g} s",
-            n,
-            per_task_waiter(args.interval),
-            "retrieve",
-            seed,
+        scenario = f"many, N={n}"
+        ours = await run_side(
+            "this client", ours_many, n, MANY_DURATION, "retrieve_batch", seed
         )
-        rows += [row(n, shared), row(n, loop)]
-        fraction = shared.requests / loop.requests if loop.requests else float("inf")
+        rows.append(row(scenario, ours))
         checks.append(
             (
-                f"N={n}: shared makes at most 1/{REQUEST_FRACTION} of the per-task requests",
-                shared.requests * REQUEST_FRACTION <= loop.requests,
-                f"{shared.requests} vs {loop.requests} requests = 1/{1 / fraction:.1f}"
-                if fraction
-                else f"{shared.requests} vs {loop.requests} requests",
+                f"N={n}: every waiter gets its own task's URLs",
+                ours.wrong_urls == 0 and ours.errors == 0,
+                f"{n - ours.wrong_urls}/{n} right",
             )
         )
-        if n <= 200:
-            shared_median, loop_median = median(shared.delays), median(loop.delays)
+        if n == 2000:
             checks.append(
                 (
-                    f"N={n}: shared median delay no worse than the per-task loop's",
-                    shared_median <= loop_median,
-                    f"{shared_median:.3f} s vs {loop_median:.3f} s "
-                    f"(ratio {shared_median / loop_median:.2f}x)",
+                    f"N=2000: at most {MAX_REQUESTS_2000} poll requests",
+                    ours.requests <= MAX_REQUESTS_2000,
+                    f"{ours.requests} requests",
                 )
             )
-        checks.append(
-            (
-                f"N={n}: every shared waiter returns its own task's URLs",
-                shared.wrong_urls == 0 and shared.errors == 0,
-                f"{n - shared.wrong_urls}/{n} right, {shared.errors} errors "
-                f"(per-task loop: {n - loop.wrong_urls}/{n})",
-            )
+        if n > args.sdk_max:
+            continue
+        sdk = await run_side(
+            "official SDK (3 s per task)", sdk_side(False), n, MANY_DURATION, "retrieve", seed
         )
+        rows.append(row(scenario, sdk))
+        ours_median, sdk_median = median(ours.delays), median(sdk.delays)
+        checks += [
+            (
+                f"N={n}: at least {REQUEST_FACTOR}x fewer poll requests than the SDK",
+                ours.requests * REQUEST_FACTOR <= sdk.requests,
+                f"{ours.requests} vs {sdk.requests} = 1/{sdk.requests / max(ours.requests, 1):.1f}",
+            ),
+            (
+                f"N={n}: median delay at most {DELAY_RATIO}x the SDK's",
+                ours_median <= DELAY_RATIO * sdk_median,
+                f"{ours_median:.3f} s vs {sdk_median:.3f} s = {ratio(ours_median, sdk_median)}",
+            ),
+            (
+                f"N={n}: max delay no worse than the SDK's",
+                max(ours.delays, default=0) <= max(sdk.delays, default=0),
+                f"{max(ours.delays, default=0):.3f} s vs {max(sdk.delays, default=0):.3f} s",
+            ),
+        ]
+    if args.single:
+        n = args.single
+        scenario = f"single waits, {n} tasks"
+        seed = 4000 + n
+        ours = await run_side(
+            "this client, one each", ours_single, n, SINGLE_DURATION, "retrieve_batch", seed
+        )
+        sdk = await run_side(
+            "official SDK, one each", sdk_side(True), n, SINGLE_DURATION, "retrieve", seed
+        )
+        rows += [row(scenario, ours), row(scenario, sdk)]
+        ours_median, sdk_median = median(ours.delays), median(sdk.delays)
+        per_ours, per_sdk = ours.requests / n, sdk.requests / n
+        checks += [
+            (
+                f"single waits: median delay at most {DELAY_RATIO}x the SDK's",
+                ours_median <= DELAY_RATIO * sdk_median,
+                f"{ours_median:.3f} s vs {sdk_median:.3f} s = {ratio(ours_median, sdk_median)}",
+            ),
+            (
+                f"single waits: at most {SINGLE_REQUEST_RATIO}x the SDK's requests per task",
+                per_ours <= SINGLE_REQUEST_RATIO * per_sdk,
+                f"{per_ours:.2f} vs {per_sdk:.2f} per task = {ratio(per_ours, per_sdk)}",
+            ),
+            (
+                "single waits: every waiter gets its own task's URLs",
+                ours.wrong_urls == 0 and ours.errors == 0,
+                f"{n - ours.wrong_urls}/{n} right",
+            ),
+        ]
 
     print(
-        "shared batch polling vs per-task polling: durations uniform "
-        f"{DURATION[0]:g}..{DURATION[1]:g} s, fake server in a child process; "
+        "this client vs the official SDK's AsyncTasks.wait: fake server in a child process; "
         "delay = waiter return - task finished_at (s)"
     )
     print_table(
         [
-            "N",
+            "scenario",
             "side",
             "poll requests",
-            "ids polled",
+            "per task",
             "ids/request",
             "median delay",
             "p90 delay",
@@ -204,8 +286,6 @@ async def main(args: argparse.Namespace) -> None:
             "server CPU s",
             "wall s",
             "right URLs",
-            "errors",
-            "other requests",
         ],
         rows,
     )
@@ -215,9 +295,15 @@ async def main(args: argparse.Namespace) -> None:
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
-    parser.add_argument("--n", type=int, nargs="+", default=[200, 2000], help="task counts")
+    parser.add_argument("--n", type=int, nargs="*", default=[200, 2000], help="task counts")
     parser.add_argument(
-        "--interval", type=float, default=3.0, help="per-task loop's sleep between retrieves"
+        "--sdk-max", type=int, default=200, help="largest N also run through the SDK"
+    )
+    parser.add_argument(
+        "--single", type=int, default=30, help="single-wait tasks (0: skip that scenario)"
+    )
+    parser.add_argument(
+        "--max-poll-interval", type=float, help="this client's max_poll_interval (default: its own)"
     )
     return parser.parse_args(argv)
 

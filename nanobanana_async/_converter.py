@@ -16,6 +16,7 @@ images from the user.
 from __future__ import annotations
 
 import math
+import sys
 from collections.abc import Callable
 from datetime import datetime
 from types import UnionType
@@ -132,6 +133,11 @@ def _lenient_str(value: Any, _: type) -> str | None:
     return value if type(value) is str else None
 
 
+def _lenient_name(value: Any, _: type) -> str | None:
+    # A short word repeated in every record (``"images"``): one shared string object.
+    return (sys.intern(value) if len(value) <= 32 else value) if type(value) is str else None
+
+
 def _lenient_object(value: Any, _: type) -> dict[str, Any] | None:
     return value if type(value) is dict else None
 
@@ -183,7 +189,7 @@ _OVERRIDES: dict[type, dict[str, Any]] = {
     Task: {
         **_BOOKKEEPING_TIMES,
         "trace_id": _LENIENT_STR,
-        "type": _LENIENT_STR,
+        "type": override(struct_hook=_lenient_name),
         "request": override(struct_hook=_lenient_object),
     },
     TaskResponse: {"trace_id": _LENIENT_STR},

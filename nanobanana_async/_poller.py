@@ -3,7 +3,7 @@
 Each watched task id has one entry, shared by all its waiters. When to poll it depends
 on its age (from the record's ``created_at`` when known, else from when its wait
 began), never on how often it was polled: a task just submitted is first read at
-``2 x poll_interval``, then every ``clamp(0.75 x age, poll_interval, max_poll_interval)``.
+``2.5 x poll_interval``, then every ``clamp(0.75 x age, poll_interval, max_poll_interval)``.
 Ids whose age is unknown (a bare id) are read at once, to learn it. Durations seen on
 finished records teach the loop how long tasks take, so it skips polls no young task
 could answer.
@@ -36,6 +36,7 @@ import heapq
 import inspect
 import itertools
 import logging
+import math
 import random
 import time
 from collections import OrderedDict, deque
@@ -77,7 +78,7 @@ class Target(NamedTuple):
     fresh: bool = False
 
 
-_FIRST_POLL = 2.0  # x poll_interval: the age of a fresh task's first poll
+_FIRST_POLL = 2.5  # x poll_interval: the age of a fresh task's first poll
 _AGE_FACTOR = 0.75  # the interval grows with age: 0.75 x age, within the bounds
 _WINDOW = 0.25  # x poll_interval: entries due this soon go out with the round
 _LEARNED = 0.8  # x the shortest recent duration: no poll of a younger task
@@ -115,6 +116,7 @@ class _Entry:
         "scheduled",
         "task_id",
         "version",
+        "watched",
     )
 
     def __init__(self, task_id: str, lazy: bool, born: float, aged: bool) -> None:
@@ -129,24 +131,35 @@ class _Entry:
         self.due = 0.0
         self.scheduled = False  # whether a live heap item stands for this entry
         self.polling = False  # whether a request for it is in flight
+        self.watched = False  # whether the poller holds it (in ``_entries``)
         self.missing_since: float | None = None
         self.garbled = 0  # unreadable answers in a row to a request for it alone
-        self.listeners: list[asyncio.Future[None]] | None = None
+        # One waiter's future alone (the common case, no list to pay for), or a list.
+        self.listeners: asyncio.Future[None] | list[asyncio.Future[None]] | None = None
         self.on_settle: list[Callable[[_Entry], None]] | None = None
+
+    def __lt__(self, other: _Entry) -> bool:
+        return False  # only reached by two stale heap items of one entry: equals
 
     def next_change(self, loop: asyncio.AbstractEventLoop) -> asyncio.Future[None]:
         """A future of the caller's own, resolved at the next change or the outcome."""
         future = loop.create_future()
-        if self.listeners is None:
-            self.listeners = [future]
+        listeners = self.listeners
+        if listeners is None:
+            self.listeners = future
+        elif isinstance(listeners, list):
+            listeners.append(future)
         else:
-            self.listeners.append(future)
+            self.listeners = [listeners, future]
         return future
 
     def drop(self, future: asyncio.Future[None]) -> None:
         """Forget a listener that stopped listening (its waiter was cancelled)."""
-        if self.listeners is not None and future in self.listeners:
-            self.listeners.remove(future)
+        listeners = self.listeners
+        if listeners is future:
+            self.listeners = None
+        elif isinstance(listeners, list) and future in listeners:
+            listeners.remove(future)
 
     def update(self, task: Task) -> None:
         if task is not self.last and task != self.last:
@@ -165,7 +178,9 @@ class _Entry:
 
     def _notify(self) -> None:
         listeners, self.listeners = self.listeners, None
-        for future in listeners or ():
+        if listeners is None:
+            return
+        for future in listeners if isinstance(listeners, list) else (listeners,):
             if not future.done():
                 future.set_result(None)
 
@@ -289,17 +304,21 @@ class Poller:
         self._lazy_poll_interval = lazy_poll_interval
         self._retry = retry
         self._window = poll_interval * _WINDOW
+        self._first_poll = poll_interval * _FIRST_POLL
         self._budget = _Budget(max_requests_per_second)
         self._entries: dict[str, _Entry] = {}
-        self._eager: list[tuple[float, int, _Entry]] = []
-        self._lazy: list[tuple[float, int, _Entry]] = []
+        # Heap items (due, task id, entry): ties on due (common: a batch is rescheduled
+        # at once) are broken by comparing ids in C, not by a call into Python.
+        self._eager: list[tuple[float, str, _Entry]] = []
+        self._lazy: list[tuple[float, str, _Entry]] = []
         self._splits: deque[list[_Entry]] = deque()  # refused batches, in halves
-        self._seq = itertools.count()
         self._alarms = _Alarms()
         self._task: asyncio.Task[None] | None = None
         self._requests: set[asyncio.Task[None]] = set()
         self._wakeup: asyncio.Event | None = None
-        self._sleeping_until = float("inf")
+        # When the sleeping loop wakes by itself; -inf while it is awake (it looks at
+        # the heaps again before it sleeps, so nothing need wake it).
+        self._sleeping_until = -math.inf
         self._paused_until = 0.0
         self._failures = 0  # failed requests in a row: the loop's backoff exponent
         self._durations: deque[float] = deque(maxlen=_DURATIONS)
@@ -462,6 +481,7 @@ class Poller:
                 entry.settle(finished)
                 return entry
             self._entries[task_id] = entry
+            entry.watched = True
             if known is not None:
                 self._age(entry, known, now)
                 entry.update(known)
@@ -477,13 +497,13 @@ class Poller:
         entry.refs += 1
         if self._task is None or self._task.done():
             self._wakeup = asyncio.Event()
-            self._sleeping_until = float("inf")
+            self._sleeping_until = -math.inf
             self._task = loop.create_task(self._run(), name="nanobanana-async poller")
         return entry
 
     def _release(self, entry: _Entry) -> None:
         entry.refs -= 1
-        if entry.refs == 0 and self._entries.get(entry.task_id) is entry:
+        if entry.refs == 0 and entry.watched:
             self._forget(entry)
 
     async def _stop(self) -> None:
@@ -500,6 +520,7 @@ class Poller:
 
     def _forget(self, entry: _Entry) -> None:
         del self._entries[entry.task_id]
+        entry.watched = False
         entry.scheduled = False  # its heap item, if any, is skipped when popped
         # Rebuild the heaps once stale items outnumber live ones, so forgotten entries
         # (timed out, cancelled, finished by a callback) do not pile up in them.
@@ -510,7 +531,7 @@ class Poller:
             heapq.heapify(self._lazy)
 
     def _finish(self, entry: _Entry, task: Task) -> None:
-        if self._entries.get(entry.task_id) is entry:
+        if entry.watched:
             self._forget(entry)
         if task.state is TaskState.SUCCEEDED:
             self._learn(task)
@@ -518,12 +539,13 @@ class Poller:
         entry.settle(task)
 
     def _fail(self, entry: _Entry, error: BaseException) -> None:
-        if self._entries.get(entry.task_id) is entry:
+        if entry.watched:
             self._forget(entry)
         entry.settle(error)
 
-    def _live_entry(self, entry: _Entry) -> bool:
-        return self._entries.get(entry.task_id) is entry
+    @staticmethod
+    def _live_entry(entry: _Entry) -> bool:
+        return entry.watched
 
     # --- schedule -------------------------------------------------------------------
 
@@ -547,36 +569,46 @@ class Poller:
             self._shortest = min(self._durations)
 
     def _schedule(self, entry: _Entry, now: float, delay: float | None = None) -> None:
-        """Put the entry back in its heap: after ``delay``, else by its age."""
+        """Put the entry back in its heap: after ``delay``, else by its age.
+
+        Runs for every entry of every poll: plain comparisons, no min/max calls.
+        """
         if delay is not None:
             due = now + delay
         elif entry.lazy:
             due = now + self._lazy_poll_interval
         else:
-            age = now - entry.born
-            interval = min(max(_AGE_FACTOR * age, self._poll_interval), self._max_poll_interval)
+            interval = _AGE_FACTOR * (now - entry.born)
+            if interval < self._poll_interval:
+                interval = self._poll_interval
+            elif interval > self._max_poll_interval:
+                interval = self._max_poll_interval
             due = now + interval
             if entry.aged:
                 # A fresh task's first read waits until it could be done; so does any
                 # read of a task younger than the shortest duration seen lately.
-                due = max(due, entry.born + _FIRST_POLL * self._poll_interval)
+                earliest = entry.born + self._first_poll
                 if self._shortest is not None:
-                    due = max(due, entry.born + _LEARNED * self._shortest)
+                    learned = entry.born + _LEARNED * self._shortest
+                    if learned > earliest:
+                        earliest = learned
+                if earliest > due:
+                    due = earliest
         self._push(entry, due)
 
     def _push(self, entry: _Entry, due: float) -> None:
         entry.due = due
         entry.scheduled = True
-        heap = self._lazy if entry.lazy else self._eager
-        heapq.heappush(heap, (due, next(self._seq), entry))
-        if due < self._sleeping_until:
+        heapq.heappush(self._lazy if entry.lazy else self._eager, (due, entry.task_id, entry))
+        if due < self._sleeping_until:  # only while the loop sleeps past it
             self._wake()
 
     def _wake(self) -> None:
+        self._sleeping_until = -math.inf  # once is enough
         if self._wakeup is not None:
             self._wakeup.set()
 
-    def _peek(self, heap: list[tuple[float, int, _Entry]]) -> _Entry | None:
+    def _peek(self, heap: list[tuple[float, str, _Entry]]) -> _Entry | None:
         while heap:
             if _live(heap[0]):
                 return heap[0][2]
@@ -595,6 +627,26 @@ class Poller:
         heapq.heappop(heap)
         eager.scheduled = False
         return eager
+
+    def _take_due(self, limit: float, room: int) -> list[_Entry]:
+        """Up to ``room`` entries due by ``limit``, oldest-due first, off the heaps."""
+        taken: list[_Entry] = []
+        eager, lazy = self._eager, self._lazy
+        if self._peek(lazy) is None:
+            # No lazy entry waits (the common case): a tight loop on the eager heap.
+            pop = heapq.heappop
+            while eager and len(taken) < room:
+                due, _, entry = eager[0]
+                if due > limit:
+                    break
+                pop(eager)
+                if entry.scheduled and entry.due == due:  # else stale: skipped
+                    entry.scheduled = False
+                    taken.append(entry)
+            return taken
+        while len(taken) < room and (due_entry := self._pop_due(limit)) is not None:
+            taken.append(due_entry)
+        return taken
 
     def _soonest(self) -> float:
         due = [entry.due for entry in (self._peek(self._eager), self._peek(self._lazy)) if entry]
@@ -646,9 +698,7 @@ class Poller:
                 batches.append(half)
         size = self._batch_size
         room = (slots - len(batches)) * size
-        taken: list[_Entry] = []
-        while len(taken) < room and (entry := self._pop_due(now + self._window)) is not None:
-            taken.append(entry)
+        taken = self._take_due(now + self._window, room)
         if taken:
             # A request costs the same for 1 id or 50: fill the last with eager entries
             # due next (never lazy ones: a callback will announce those).
@@ -669,7 +719,8 @@ class Poller:
 
     def _request_done(self, request: asyncio.Task[None]) -> None:
         self._requests.discard(request)
-        self._wake()
+        if self._sleeping_until == math.inf:  # asleep until a request ends (the cap)
+            self._wake()
 
     async def _sleep_until(self, when: float) -> None:
         assert self._wakeup is not None
@@ -681,7 +732,7 @@ class Poller:
         try:
             await self._wakeup.wait()
         finally:
-            self._sleeping_until = float("inf")
+            self._sleeping_until = -math.inf
             if handle is not None:
                 handle.cancel()
 
@@ -736,10 +787,14 @@ class Poller:
             return
         entry.missing_since = None
         entry.garbled = 0
+        last = entry.last
         try:
-            task = read_item(raw, entry.last, entry.task_id)
+            task = read_item(raw, last, entry.task_id)
         except ResponseDecodeError as exc:
             self._fail(entry, exc)
+            return
+        if task is last:  # the common case: a pending record that did not move
+            self._schedule(entry, now)
             return
         if task.done:
             self._finish(entry, task)
@@ -800,7 +855,7 @@ def _remember(memory: OrderedDict[str, T], key: str, value: T) -> None:
         memory.popitem(last=False)
 
 
-def _live(item: tuple[float, int, _Entry]) -> bool:
+def _live(item: tuple[float, str, _Entry]) -> bool:
     """Whether a heap item still stands for its entry's schedule."""
     due, _, entry = item
     return entry.scheduled and entry.due == due

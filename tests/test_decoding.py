@@ -186,6 +186,19 @@ def test_malformed_batches_raise_only_our_errors(items: list[Any]) -> None:
         assert task.id == task_id
 
 
+def progress(task: Task) -> tuple[Any, ...]:
+    """What moves while a task runs (its identity fields do not)."""
+    response = task.response
+    return (
+        task.state,
+        task.started_at,
+        task.finished_at,
+        task.elapsed,
+        task.error,
+        None if response is None else (response.success, response.data, response.error),
+    )
+
+
 @settings(max_examples=300, suppress_health_check=[HealthCheck.too_slow])
 @given(malformed_records(), malformed_records())
 def test_the_unchanged_shortcut_agrees_with_structuring(before: Any, after: Any) -> None:
@@ -196,7 +209,13 @@ def test_the_unchanged_shortcut_agrees_with_structuring(before: Any, after: Any)
         return
     if not isinstance(after, dict) or not _unchanged(after, kept):
         return
-    assert structure({**after, "id": kept.id}, Task) == kept
+    try:
+        again = structure({**after, "id": kept.id}, Task)
+    except DecodeFailure:
+        # Only an identity field can be malformed here; it is not read again.
+        return
+    assert progress(again) == progress(kept)
+    assert not again.done
 
 
 @settings(max_examples=300)

@@ -119,16 +119,17 @@ async def test_a_fresh_task_is_read_by_its_age(service: Service) -> None:
     service.add("a", finish=7.0)
     task = await wait(poller, "a")
     assert task.state is TaskState.SUCCEEDED
-    # First read at 2 x poll_interval, then every clamp(0.75 x age, 1, 1.5).
-    assert service.polls_of("a") == [2.0, 3.5, 5.0, 6.5, 8.0]
-    assert now() == 8.0
+    # First read at 2.5 x poll_interval, then every clamp(0.75 x age, 1, 1.5).
+    assert service.polls_of("a") == [2.5, 4.0, 5.5, 7.0]
+    assert now() == 7.0
 
 
 async def test_the_interval_grows_with_age_up_to_its_cap(service: Service) -> None:
     poller = make_poller(service, max_poll_interval=4.0)
     service.add("a", finish=12.0)
     await wait(poller, "a")
-    assert service.polls_of("a") == [2.0, 3.5, 6.125, 10.125, 14.125]
+    # 2.5, then 0.75 x age: 1.875 at 2.5, 3.28 at 4.375, then the 4 s cap.
+    assert service.polls_of("a") == [2.5, 4.375, 7.656, 11.656, 15.656]
 
 
 async def test_a_bare_id_is_read_at_once_then_by_its_age(service: Service) -> None:
@@ -149,7 +150,7 @@ async def test_the_record_created_at_dates_an_old_task(service: Service) -> None
 
 async def test_tasks_due_together_share_requests(service: Service) -> None:
     poller = make_poller(service)
-    ids = [service.add(f"t{i}", finish=2.5) for i in range(120)]
+    ids = [service.add(f"t{i}", finish=3.0) for i in range(120)]
     waits = []
     for index, task_id in enumerate(ids):
         waits.append(asyncio.create_task(wait(poller, task_id)))
@@ -158,8 +159,8 @@ async def test_tasks_due_together_share_requests(service: Service) -> None:
     await asyncio.gather(*waits)
     sizes = [len(batch) for _, batch in service.calls]
     assert sizes == [50, 50, 20, 50, 50, 20]
-    # Read at 2.0 (the last ones a little young), then all again within one window.
-    assert sorted({round(at, 3) for at, _ in service.calls}) == [2.0, 3.35]
+    # Read together at 2.5 (the last ones a little young), then together again.
+    assert sorted({round(at, 3) for at, _ in service.calls}) == [2.5, 4.0]
 
 
 async def test_a_request_is_topped_up_with_the_eager_tasks_due_next(service: Service) -> None:
@@ -315,7 +316,7 @@ async def test_a_fatal_error_fails_every_waiter_at_once(service: Service) -> Non
     service.fault = refuse
     results = await asyncio.gather(*(wait(poller, i) for i in ids), return_exceptions=True)
     assert all(isinstance(result, AuthenticationError) for result in results)
-    assert now() == 2.0
+    assert now() == 2.5
 
 
 # --- waiters -----------------------------------------------------------------------------
