@@ -15,7 +15,7 @@ import hashlib
 import mimetypes
 import os
 import re
-import tempfile
+import secrets
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Final
@@ -171,7 +171,7 @@ def _check_response(response: aiohttp.ClientResponse, url: str, shown: str) -> N
 
 async def _stream_to(response: aiohttp.ClientResponse, target: Path, url: str, shown: str) -> Path:
     """Write the body to a hidden temporary file next to ``target``, then rename it."""
-    fd, temp_name = tempfile.mkstemp(dir=target.parent, prefix=".", suffix=".part")
+    fd, temp_name = _create_part(target.parent)
     try:
         received = 0
         with os.fdopen(fd, "wb") as file:
@@ -194,6 +194,21 @@ async def _stream_to(response: aiohttp.ClientResponse, target: Path, url: str, s
             os.unlink(temp_name)
         raise
     return target
+
+
+def _create_part(directory: Path) -> tuple[int, str]:
+    """A new hidden ``.part`` file in ``directory``: open descriptor and name.
+
+    Created with mode 0666 less the umask, as any saved file should be (``mkstemp``
+    would make it 0600 whatever the umask, and the rename keeps that mode).
+    """
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0)
+    while True:
+        name = os.path.join(directory, f".{secrets.token_hex(8)}.part")
+        try:
+            return os.open(name, flags, 0o666), name
+        except FileExistsError:  # 64 random bits: only ever a freak collision
+            continue
 
 
 def _check_url(url: str) -> None:
