@@ -15,6 +15,7 @@ import pytest
 from conftest import FAST
 
 from nanobanana_async import AuthenticationError, NanoBananaClient
+from nanobanana_async._batch_records import spec_text
 from nanobanana_async._journal import Journal
 from nanobanana_async.batch import (
     BatchChangedError,
@@ -280,9 +281,7 @@ async def test_an_intent_without_task_id_is_an_unknown_outcome(
     jobs = jobs_of("a lighthouse")
     journal = Journal(tmp_path / ".nanobanana" / "journal.sqlite3")
     await journal.open()
-    from nanobanana_async.batch import _spec_text
-
-    await journal.intend("1", _spec_text(jobs[0]), "first", 1)
+    await journal.intend("1", spec_text(jobs[0]), "first", 1)
     await journal.aclose()
     async with fast_client(server) as client, runner(client, jobs, tmp_path) as batch:
         (result,) = await collect(batch)
@@ -428,3 +427,29 @@ def test_bad_jobs_raise_value_error(tmp_path: Path) -> None:
         runner(client, [BatchJob("a/b", "x"), BatchJob("a_b", "y")], tmp_path)
     with pytest.raises(ValueError, match="key"):
         BatchJob("", "x")
+
+
+async def test_breaking_out_without_aclosing_still_closes_cleanly(
+    slow_server_batch: FakeNanoBanana, tmp_path: Path
+) -> None:
+    jobs = jobs_of("a", "b", "c")
+    async with fast_client(slow_server_batch) as client, runner(client, jobs, tmp_path) as batch:
+        async for _ in batch:
+            break  # the generator is left suspended; leaving "async with" stops the jobs
+    assert batch.summary.pending == 2
+    assert len(manifest(tmp_path)) == 3
+
+
+async def test_keys_become_safe_file_names(server: FakeNanoBanana, tmp_path: Path) -> None:
+    jobs = [BatchJob("../up", "a cat"), BatchJob(".hidden", "a dog")]
+    seen: list[str] = []
+    async with fast_client(server) as client:
+        batch = runner(client, jobs, tmp_path, on_submit=lambda job, sub: seen.append(job.key))
+        async with batch:
+            await collect(batch)
+    assert seen == ["../up", ".hidden"]
+    assert pngs(tmp_path) == ["_._up-0.png", "_hidden-0.png"]
+
+
+def pngs(folder: Path) -> list[str]:
+    return sorted(path.name for path in folder.iterdir() if path.suffix == ".png")
