@@ -148,14 +148,14 @@ async def test_a_changed_prompts_file_is_reported_and_nothing_submitted(
 async def test_an_unknown_outcome_is_reported_with_its_prompt(
     server: FakeNanoBanana, capsys: pytest.CaptureFixture[str], tmp_path: Path
 ) -> None:
-    prompts = write_prompts(tmp_path, ["a cat", "a dog"])
+    prompts = write_prompts(tmp_path, ["a cat [blue]", "a dog"])
     out = tmp_path / "out"
     server.inject("error", action="generate")
     result = await run_cli(server, capsys, "batch", str(prompts), "--out", str(out))
     assert result.code == 1
-    assert "OUTCOME UNKNOWN for prompt 'a cat'" in result.err
+    assert "OUTCOME UNKNOWN for prompt 'a cat [blue]'" in result.err
     assert "outcome_unknown" in result.out
-    assert "a cat" in result.out
+    assert "a cat [blue]" in result.out  # shown as written, not read as rich markup
     assert "--resubmit-unknown" in result.err
     result = await run_cli(
         server, capsys, "batch", str(prompts), "--out", str(out), "--resubmit-unknown"

@@ -873,3 +873,21 @@ async def test_unknown_models_pass_through_with_a_resolution_note(
     assert result.code == 3  # the fake server refuses it; the CLI passed it on
     assert "bad_request" in one_line_error(result)
     assert server.counts["generate"] == 2
+
+
+async def test_subprocess_sigterm_during_the_submission_keeps_its_id(
+    slow_server: FakeNanoBanana,
+) -> None:
+    slow_server.inject("slow", action="generate", delay=1.0)  # held, then a task is made
+    process = await spawn("generate", "a cat", "--json", server=slow_server)
+    try:
+        await wait_until(lambda: slow_server.counts["generate"] >= 1)
+        process.send_signal(signal.SIGTERM)
+    finally:
+        result = await finish(process)
+    assert result.code == 143
+    (task_id,) = slow_server.tasks
+    assert [entry["id"] for entry in result.tasks] == [task_id]
+    assert "waiting for the submission in flight to answer" in result.err
+    assert f"Submitted task {task_id}" in result.err
+    assert result.err.rstrip().endswith(f"tasks wait {task_id}")

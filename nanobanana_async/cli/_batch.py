@@ -203,12 +203,13 @@ def _print_batch(ctx: Context, runner: BatchRunner) -> None:
         table.add_column("Error", overflow="fold")
         for result in attention:
             error = result.error
-            table.add_row(
-                result.job.key,
+            text = ": ".join(part for part in (error.code, error.message) if part) if error else ""
+            table.add_row(  # Text: a prompt such as "a cat [blue]" is not rich markup
+                Text(result.job.key),
                 Text(result.state.value, style=_STYLES[result.state]),
-                result.task_id or "",
-                result.job.prompt,
-                ": ".join(part for part in (error.code, error.message) if part) if error else "",
+                Text(result.task_id or ""),
+                Text(result.job.prompt),
+                Text(text),
             )
         out.print(table)
 

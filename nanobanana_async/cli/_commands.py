@@ -14,9 +14,9 @@ import os
 import shlex
 import sys
 import tempfile
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from pathlib import Path
-from typing import Final
+from typing import Any, Final
 
 import attrs
 from rich import box
@@ -30,7 +30,7 @@ from .._errors import (
     PermissionDeniedError,
     TaskNotFoundError,
 )
-from .._models import Task
+from .._models import Submission, Task
 from ..testing import FakeNanoBanana
 from ._batch import batch
 from ._catalog import DEFAULT_MODEL, MODELS, ignored_resolution
@@ -104,22 +104,50 @@ async def _submit_and_wait(ctx: Context, image_urls: list[str] | None) -> int:
     if warning:
         output.note(f"Note: {warning}", style="yellow")
     async with make_client(args) as client:
-        ctx.submitting = True
         if image_urls is None:
-            submission = await client.generate(args.prompt, **options)
+            request = client.generate(args.prompt, **options)
         else:
-            submission = await client.edit(args.prompt, image_urls, **options)
-        ctx.submitting = False
+            request = client.edit(args.prompt, image_urls, **options)
+        submission = await _submit(ctx, request)
         task_id = submission.task_id
-        ctx.track(TaskReport.pending(task_id, prompt=args.prompt))
-        # At once, on any stderr: the id of a paid task must survive whatever comes next.
-        output.note(f"Submitted task {task_id}")
         if args.no_wait:
             ctx.print_reports()
             output.note(f"Wait for it with: {ctx.wait_command([task_id])}")
             return ExitCode.OK
         timed_out = await _follow(client, ctx, [task_id], args.out_path, single=True)
     return _conclude(ctx, timed_out=timed_out)
+
+
+async def _submit(ctx: Context, request: Coroutine[Any, Any, Submission]) -> Submission:
+    """Send the submission; its task id is recorded and shown the moment it is known.
+
+    A stop (Ctrl-C, SIGTERM) during the request lets it finish first, so the id of a
+    task that may be paid for is not lost; a second Ctrl-C gives up on it.
+    """
+    ctx.submitting = True
+    sending = asyncio.ensure_future(request)
+    stopped = False
+    try:
+        submission = await asyncio.shield(sending)
+    except asyncio.CancelledError:
+        stopped = True
+        ctx.output.note(
+            "Stopping: waiting for the submission in flight to answer, so its task id is "
+            "not lost (Ctrl-C again to give up).",
+            style="yellow",
+        )
+        try:
+            submission = await sending
+        except NanoBananaError:
+            raise asyncio.CancelledError from None
+    ctx.submitting = False
+    ctx.track(TaskReport.pending(submission.task_id, prompt=ctx.args.prompt))
+    # At once, on any stderr: the id of a paid task must survive whatever comes next.
+    ctx.output.note(f"Submitted task {submission.task_id}")
+    if stopped:
+        ctx.waiting = [submission.task_id]
+        raise asyncio.CancelledError
+    return submission
 
 
 # --- waiting, saving, concluding --------------------------------------------------------

@@ -331,7 +331,9 @@ def build_parser() -> argparse.ArgumentParser:
         "fake-server",
         parents=[debug_only],
         help="run the fake Nano Banana server for offline development",
-        description="Run the fake server in the foreground until Ctrl-C (then exit 0). "
+        description="Run the fake server in the foreground until Ctrl-C or SIGTERM (then "
+        "exit 0, after printing the requests it served by action as one line: "
+        "'Requests served: {\"generate\": 3, ...}'). "
         "Prompts containing [fail], [fail:top] or [fail:empty] fail on purpose.",
     )
     fake.add_argument(
