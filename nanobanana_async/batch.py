@@ -255,6 +255,7 @@ class BatchRunner:
         self._entries: dict[str, JournalEntry] = {}
         self._plans: dict[str, str] = {}
         self._results: dict[str, BatchResult] = {}
+        self._state_counts = dict.fromkeys(JobState, 0)
         self._retries_done: dict[str, int] = {}
         self._counts = dict.fromkeys(
             ("skipped", "resumed", "submitted", "retried", "resubmitted"), 0
@@ -320,7 +321,7 @@ class BatchRunner:
             for job in self._jobs:
                 entry = entries.get(job.key)
                 self._plans[job.key] = self._plan(entry, files_missing=job.key in missing)
-                self._results[job.key] = self._result_from_entry(job, entry)
+                self._set(self._result_from_entry(job, entry))
             # Start from the journal's view: each job this run will not touch, once.
             await self._write_manifest(lambda key: self._plans[key] in ("done", "unknown"))
         except BaseException:
@@ -354,9 +355,7 @@ class BatchRunner:
     @property
     def summary(self) -> BatchSummary:
         """The accounting so far (live while the batch runs, final after)."""
-        states = dict.fromkeys(JobState, 0)
-        for result in self._results.values():
-            states[result.state] += 1
+        states = self._state_counts
         return BatchSummary(
             total=len(self._jobs),
             succeeded=states[JobState.SUCCEEDED],
@@ -366,6 +365,14 @@ class BatchRunner:
             pending=states[JobState.PENDING],
             **self._counts,
         )
+
+    def _set(self, result: BatchResult) -> None:
+        """Keep a job's current result, and the count of jobs in each state."""
+        earlier = self._results.get(result.job.key)
+        if earlier is not None:
+            self._state_counts[earlier.state] -= 1
+        self._state_counts[result.state] += 1
+        self._results[result.job.key] = result
 
     def results(self) -> list[BatchResult]:
         """Every job's current result, in the order the jobs were given."""
@@ -480,7 +487,7 @@ class BatchRunner:
 
     async def _finish(self, result: BatchResult, *, final: bool = True) -> None:
         """A job reached an end in this run: keep it, add it to the manifest, yield it."""
-        self._results[result.job.key] = result
+        self._set(result)
         if final and self._manifest is not None:
             line = json.dumps(result.to_json(self._manifest.parent), ensure_ascii=False)
             await self._journal.run_io(_append_line, self._manifest, line)
@@ -590,7 +597,7 @@ class BatchRunner:
                     trace_id=outcome.trace_id,
                     error=error,
                 )
-                self._results[job.key] = result
+                self._set(result)
                 await self._journal.refused(job.key, attempt, _error_json(error))
                 await self._finish(result)
                 return None
@@ -601,16 +608,18 @@ class BatchRunner:
         elif kind == "resubmit":
             self._counts["resubmitted"] += 1
         if isinstance(outcome, Submission):
-            self._results[job.key] = attrs.evolve(
-                previous,
-                state=JobState.PENDING,
-                task_id=outcome.task_id,
-                trace_id=outcome.trace_id,
-                image_urls=(),
-                files=(),
-                error=None,
-                attempts=attempt,
-                task_ids=(*previous.task_ids, outcome.task_id),
+            self._set(
+                attrs.evolve(
+                    previous,
+                    state=JobState.PENDING,
+                    task_id=outcome.task_id,
+                    trace_id=outcome.trace_id,
+                    image_urls=(),
+                    files=(),
+                    error=None,
+                    attempts=attempt,
+                    task_ids=(*previous.task_ids, outcome.task_id),
+                )
             )
             await self._journal.submitted(job.key, attempt, outcome.task_id, outcome.trace_id)
             return outcome.task_id
@@ -627,7 +636,7 @@ class BatchRunner:
             error=error,
             attempts=attempt,
         )
-        self._results[job.key] = result
+        self._set(result)
         await self._journal.unknown(job.key, _error_json(error))
         await self._finish(result)
         return None
@@ -663,11 +672,13 @@ class BatchRunner:
             return None
         failure = task.failure
         previous = self._results[job.key]
-        self._results[job.key] = attrs.evolve(
-            previous,
-            trace_id=task.trace_id or previous.trace_id,
-            image_urls=tuple(task.image_urls),
-            error=failure,
+        self._set(
+            attrs.evolve(
+                previous,
+                trace_id=task.trace_id or previous.trace_id,
+                image_urls=tuple(task.image_urls),
+                error=failure,
+            )
         )
         await self._journal.finished(
             job.key,

@@ -60,10 +60,13 @@ async def batch(ctx: Context) -> int:
     ctx.resumable = False  # the resume hint is this command, not "tasks wait"
     async with make_client(args) as client:
         progress: BatchProgress | None = None
+        seen: set[str] = set()
 
         def on_submit(job: BatchJob, submission: Submission) -> None:
             # At once, on any stderr: the journal has it too, but a log reader sees it here.
-            line = f"submitted job {job.key}: task {submission.task_id}"
+            again = " again" if job.key in seen else ""
+            seen.add(job.key)
+            line = f"submitted job {job.key}{again}: task {submission.task_id}"
             if progress is not None:
                 progress.line(line)
             else:
