@@ -280,6 +280,35 @@ async def test_batch_script_as_a_script(server: FakeNanoBanana, tmp_path: Path) 
     assert len(results(out)) == 3
 
 
+async def test_batch_script_stops_on_ctrl_c_without_a_traceback(tmp_path: Path) -> None:
+    prompts_file = write_prompts(tmp_path / "prompts.txt", [f"slow {i}" for i in range(4)])
+    out = tmp_path / "out"
+    async with FakeNanoBanana(duration=60.0) as slow:
+        process = await asyncio.create_subprocess_exec(
+            sys.executable,
+            str(EXAMPLES / "batch_script.py"),
+            str(prompts_file),
+            "--out",
+            str(out),
+            env=script_env(slow),
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        try:
+            await wait_until(lambda: slow.counts["retrieve_batch"] >= 1)
+            process.send_signal(signal.SIGINT)
+            async with asyncio.timeout(WAIT):
+                _, stderr = await process.communicate()
+        finally:
+            if process.returncode is None:
+                process.kill()
+                await process.wait()
+        assert process.returncode == 130
+        assert "Traceback" not in stderr.decode()
+        assert "run the same command again to resume" in stderr.decode()
+        assert {r["task_id"] for r in results(out)} == set(slow.tasks)
+
+
 # --------------------------------------------------------------------------- chat bot
 
 
