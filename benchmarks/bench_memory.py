@@ -192,13 +192,19 @@ async def waiter_memory(n: int, cpu_seconds: float) -> None:
                 f"{bare_cpu * 1e6:.0f}",
                 "1.00x",
             ],
-            ["this client's poll loop", polls, f"{ours_cpu * 1e6:.0f}", fmt_ratio(ours_cpu / bare_cpu)],
+            [
+                "this client's poll loop",
+                polls,
+                f"{ours_cpu * 1e6:.0f}",
+                fmt_ratio(ours_cpu / bare_cpu),
+            ],
         ],
     )
     rate = polls / wall
     print(
         f"poll loop over {wall:.1f} s: {polls} requests ({rate:.1f}/s), {ids_polled} ids "
-        f"({ids_polled / max(polls, 1):.1f} per request); waiters still waiting: {still_waiting}/{n}"
+        f"({ids_polled / max(polls, 1):.1f} per request); "
+        f"waiters still waiting: {still_waiting}/{n}"
     )
     verdict(
         f"client CPU per {BATCH}-id request at most {CPU_PER_REQUEST_TARGET}x the bare loop's",

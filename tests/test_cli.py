@@ -23,7 +23,7 @@ from nanobanana_async.testing import FakeNanoBanana, make_png
 
 WAIT = 20.0  # upper bound on every wait here; nothing should come close
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-ENTRY_KEYS = {"id", "state", "image_urls", "error", "files", "elapsed"}
+ENTRY_KEYS = {"id", "state", "prompt", "image_urls", "error", "files", "elapsed"}
 ENV_VARS = ("ACEDATACLOUD_API_TOKEN", "ACEDATACLOUD_API_BASE_URL")
 
 
@@ -239,8 +239,16 @@ async def test_download_cut_short_leaves_no_file(
     server.inject_image("truncate", times=10)
     result = await cli(server, "generate", "a cat", "--out", str(tmp_path), "--json")
     assert result.code == 3
-    assert result.out == ""
-    assert "cut short" in one_line_error(result)
+    # The task succeeded: its id and image URL are on stdout, with the download's error.
+    (entry,) = result.tasks
+    assert entry["state"] == "succeeded"
+    assert entry["image_urls"] == server.tasks[entry["id"]].image_urls
+    assert entry["files"] == []
+    assert entry["error"]["code"] == "download_failed"
+    assert "cut short" in entry["error"]["message"]
+    line = one_line_error(result)
+    assert "cut short" in line
+    assert f"tasks download --base-url {server.base_url} {entry['id']} --out" in line
     assert listing(tmp_path) == []  # no image, no hidden .part file
 
 
@@ -439,7 +447,7 @@ async def test_interrupted_generate_names_its_task(
         await run
     (task_id,) = slow_server.tasks
     captured = capsys.readouterr()
-    assert captured.out == ""
+    assert captured.out.split() == [task_id]  # the paid task's id, on stdout too
     assert "The task keeps running on the service" in captured.err
     assert captured.err.rstrip().endswith(task_id)
 
@@ -544,7 +552,11 @@ async def test_fake_server_serves_a_real_client(
 
 
 async def spawn(
-    *args: str, server: FakeNanoBanana | None = None, env: dict[str, str] | None = None
+    *args: str,
+    server: FakeNanoBanana | None = None,
+    env: dict[str, str] | None = None,
+    stdin: bool = False,
+    umask: int = -1,
 ) -> asyncio.subprocess.Process:
     environment = {k: v for k, v in os.environ.items() if k not in ENV_VARS}
     if server is not None:
@@ -556,18 +568,19 @@ async def spawn(
         "-m",
         "nanobanana_async.cli",
         *args,
-        stdin=asyncio.subprocess.DEVNULL,
+        stdin=asyncio.subprocess.PIPE if stdin else asyncio.subprocess.DEVNULL,
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
         env=environment,
+        umask=umask,
     )
 
 
-async def finish(process: asyncio.subprocess.Process) -> Result:
+async def finish(process: asyncio.subprocess.Process, stdin: str | None = None) -> Result:
     """Wait for the process (killing it if it overstays) and collect its output."""
     try:
         async with asyncio.timeout(WAIT):
-            out, err = await process.communicate()
+            out, err = await process.communicate(None if stdin is None else stdin.encode())
     finally:
         if process.returncode is None:
             process.kill()
@@ -600,12 +613,16 @@ async def test_subprocess_ctrl_c_while_waiting(slow_server: FakeNanoBanana) -> N
         "tasks", "wait", *ids, "--poll-interval", "0.02", "--json", server=slow_server
     )
     try:
-        await wait_until(lambda: slow_server.counts["retrieve_batch"] >= 1)
+        # The second read is the poll loop's: the first (a look at every id) is answered.
+        await wait_until(lambda: slow_server.counts["retrieve_batch"] >= 2)
         process.send_signal(signal.SIGINT)
     finally:
         result = await finish(process)
     assert result.code == 130
-    assert result.out == ""
+    assert [(entry["id"], entry["state"]) for entry in result.tasks] == [
+        (ids[0], "pending"),
+        (ids[1], "pending"),
+    ]
     assert "Traceback" not in result.err
     assert "keep running on the service" in result.err
     assert f"nanobanana tasks wait {ids[0]} {ids[1]}" in result.err
@@ -642,3 +659,235 @@ async def test_subprocess_fake_server_until_ctrl_c() -> None:
     assert result.code == 0
     assert "Fake server stopped." in result.err
     assert "Traceback" not in result.err
+
+
+async def read_stderr_until(process: asyncio.subprocess.Process, text: str) -> str:
+    """Read the process's stderr line by line until a line holds ``text``."""
+    assert process.stderr is not None
+    seen = ""
+    async with asyncio.timeout(WAIT):
+        while text not in seen:
+            line = (await process.stderr.readline()).decode()
+            assert line, f"stderr ended without {text!r}: {seen}"
+            seen += line
+    return seen
+
+
+# --- the CLI never drops what it has (issue 10), each as a subprocess -------------------
+
+
+async def test_subprocess_failed_download_still_prints_the_task(
+    server: FakeNanoBanana, tmp_path: Path
+) -> None:
+    server.inject_image("error", times=100)  # every image answer is a 500
+    process = await spawn(
+        "tasks", "wait", server.add_task(count=2), server.add_task(), "--out", str(tmp_path),
+        "--poll-interval", "0.02", "--json", server=server,
+    )  # fmt: skip
+    result = await finish(process)
+    assert result.code == 3
+    assert [entry["state"] for entry in result.tasks] == ["succeeded", "succeeded"]
+    for entry in result.tasks:
+        assert entry["image_urls"] == server.tasks[entry["id"]].image_urls
+        assert entry["error"]["code"] == "download_failed"
+    assert "tasks download" in one_line_error(result)
+    assert "2/2" in result.err  # the bar counts finished tasks, downloads or not
+
+
+async def test_subprocess_unknown_id_among_good_ones(server: FakeNanoBanana) -> None:
+    good = [server.add_task(), server.add_task(count=2)]
+    process = await spawn(
+        "tasks", "wait", *good, "typo", "--not-found-grace", "0.3",
+        "--poll-interval", "0.02", "--json", server=server,
+    )  # fmt: skip
+    result = await finish(process)
+    assert result.code == 3
+    assert [entry["state"] for entry in result.tasks] == ["succeeded", "succeeded", "not_found"]
+    assert result.tasks[1]["image_urls"] == server.tasks[good[1]].image_urls
+    assert "does not know typo (yet); waiting up to 0.3 s" in result.err
+    assert "typo" in one_line_error(result)
+
+
+async def test_subprocess_unknown_id_says_what_it_waits_for(server: FakeNanoBanana) -> None:
+    process = await spawn(
+        "tasks", "wait", "nope", "--not-found-grace", "0", "--poll-interval", "0.02", server=server
+    )
+    result = await finish(process)
+    assert result.code == 3
+    assert "does not know nope (yet); waiting up to 0 s for it to appear" in result.err
+    assert "--not-found-grace" in result.err
+    assert result.out.split() == ["nope"]
+
+
+async def test_subprocess_ctrl_c_generate_json_keeps_the_id(
+    slow_server: FakeNanoBanana,
+) -> None:
+    process = await spawn(
+        "generate", "a cat", "--json", "--poll-interval", "0.02", server=slow_server
+    )
+    try:
+        await read_stderr_until(process, "Submitted task")
+        process.send_signal(signal.SIGINT)
+    finally:
+        result = await finish(process)
+    assert result.code == 130
+    ((task_id, _),) = slow_server.tasks.items()
+    assert [(e["id"], e["state"], e["prompt"]) for e in result.tasks] == [
+        (task_id, "pending", "a cat")
+    ]
+    assert f"tasks wait {task_id}" in result.err
+
+
+async def test_subprocess_sigterm_during_generate(slow_server: FakeNanoBanana) -> None:
+    process = await spawn("generate", "a cat", "--poll-interval", "0.02", server=slow_server)
+    try:
+        # Logged at once though stderr is a pipe, not a terminal: the id of a paid task.
+        seen = await read_stderr_until(process, "Submitted task")
+        (task_id,) = slow_server.tasks
+        assert task_id in seen
+        process.send_signal(signal.SIGTERM)
+    finally:
+        result = await finish(process)
+    assert result.code == 143
+    assert result.out.split() == [task_id]
+    assert "Terminated. The task keeps running on the service" in result.err
+    assert result.err.rstrip().endswith(f"tasks wait {task_id}")
+    assert "Traceback" not in result.err
+
+
+async def test_subprocess_no_wait_prints_the_id_on_stdout(slow_server: FakeNanoBanana) -> None:
+    result = await finish(await spawn("generate", "a cat", "--no-wait", server=slow_server))
+    assert result.code == 0
+    (task_id,) = slow_server.tasks
+    assert result.out.split() == [task_id]  # ID=$(nanobanana generate x --no-wait)
+    assert slow_server.counts["retrieve_batch"] == 0
+
+
+async def test_subprocess_wait_reads_several_no_wait_documents(
+    server: FakeNanoBanana, cli: Cli
+) -> None:
+    documents = [
+        (await cli(server, "generate", f"picture {n}", "--no-wait", "--json")).out for n in range(3)
+    ]
+    loose = server.add_task()
+    process = await spawn(
+        "tasks", "wait", "-", "--poll-interval", "0.02", "--json", server=server, stdin=True
+    )
+    result = await finish(process, stdin="".join(documents) + f"\n{loose}\n")
+    assert result.code == 0, result.err
+    ids = [json.loads(document)["tasks"][0]["id"] for document in documents] + [loose]
+    assert [entry["id"] for entry in result.tasks] == ids
+    assert [entry["prompt"] for entry in result.tasks][:3] == [f"picture {n}" for n in range(3)]
+
+
+async def test_subprocess_generate_reads_the_prompt_from_stdin(server: FakeNanoBanana) -> None:
+    process = await spawn(
+        "generate", "-", "--json", "--poll-interval", "0.02", server=server, stdin=True
+    )
+    result = await finish(process, stdin="a white siamese cat\non a red sofa\n")
+    assert result.code == 0, result.err
+    (entry,) = result.tasks
+    assert server.tasks[entry["id"]].prompt == "a white siamese cat\non a red sofa"
+    assert entry["prompt"] == "a white siamese cat\non a red sofa"
+
+
+async def test_subprocess_saved_images_honour_the_umask(
+    server: FakeNanoBanana, tmp_path: Path
+) -> None:
+    process = await spawn(
+        "generate", "a cat", "--out", str(tmp_path), "--poll-interval", "0.02",
+        server=server, umask=0o022,
+    )  # fmt: skip
+    result = await finish(process)
+    assert result.code == 0, result.err
+    (image,) = listing(tmp_path)
+    assert oct(image.stat().st_mode & 0o777) == oct(0o644)
+
+
+async def test_subprocess_timeout_covers_downloads(server: FakeNanoBanana, tmp_path: Path) -> None:
+    # The image host holds its answer far longer than any read timeout fires: only
+    # the command's own deadline can end this.
+    server.inject_image("slow", times=10, delay=120.0)
+    task_id = server.add_task(count=2)
+    process = await spawn(
+        "tasks", "wait", task_id, "--out", str(tmp_path), "--timeout", "1",
+        "--poll-interval", "0.02", "--json", server=server,
+    )  # fmt: skip
+    result = await finish(process)  # within WAIT (20 s), far below the image's 120 s
+    assert result.code == 4
+    (entry,) = result.tasks
+    assert entry["state"] == "succeeded"
+    assert entry["image_urls"] == server.tasks[task_id].image_urls
+    assert entry["error"]["code"] == "incomplete"
+    line = one_line_error(result)
+    assert "timed out after 1 s before every image was saved" in line
+    assert f"nanobanana tasks download {task_id} --out {tmp_path}" in line
+    assert listing(tmp_path) == []
+
+
+async def test_subprocess_tasks_download(server: FakeNanoBanana, tmp_path: Path) -> None:
+    done = server.add_task(count=2)
+    failed = server.add_task(outcome="fail")
+    process = await spawn(
+        "tasks", "download", done, failed, "--out", str(tmp_path), "--json", server=server
+    )
+    result = await finish(process)
+    assert result.code == 1  # the failed task
+    assert [entry["state"] for entry in result.tasks] == ["succeeded", "failed"]
+    files = [Path(name) for name in result.tasks[0]["files"]]
+    assert sorted(files) == listing(tmp_path)
+    assert all(path.read_bytes().startswith(PNG_MAGIC) for path in files)
+
+
+async def test_subprocess_tasks_download_of_a_pending_task(
+    slow_server: FakeNanoBanana, tmp_path: Path
+) -> None:
+    task_id = slow_server.add_task()
+    process = await spawn("tasks", "download", task_id, "--out", str(tmp_path), server=slow_server)
+    result = await finish(process)
+    assert result.code == 4
+    assert result.out.split() == [task_id]
+    assert f"nanobanana tasks wait --out {tmp_path} {task_id}" in one_line_error(result)
+
+
+async def test_subprocess_models() -> None:
+    result = await finish(await spawn("models", "--json"))
+    assert result.code == 0
+    models = {model["name"]: model for model in json.loads(result.out)["models"]}
+    assert models["nano-banana"]["resolutions"] == ["1K"]
+    assert models["nano-banana"]["default"] is True
+    assert models["nano-banana-pro"]["resolutions"] == ["1K", "2K", "4K"]
+    assert models["nano-banana-2.1"]["official_variant"] is None
+    human = await finish(await spawn("models"))
+    assert "nano-banana-2-lite" in human.out
+    assert "passed to the service as they are" in human.err
+
+
+async def test_unknown_models_pass_through_with_a_resolution_note(
+    cli: Cli, server: FakeNanoBanana
+) -> None:
+    result = await cli(server, "generate", "x", "--model", "nano-banana", "--resolution", "4K")
+    assert result.code == 0
+    assert "nano-banana honours only 1K" in result.err
+    result = await cli(server, "generate", "x", "--model", "brand-new-model", "--json")
+    assert result.code == 3  # the fake server refuses it; the CLI passed it on
+    assert "bad_request" in one_line_error(result)
+    assert server.counts["generate"] == 2
+
+
+async def test_subprocess_sigterm_during_the_submission_keeps_its_id(
+    slow_server: FakeNanoBanana,
+) -> None:
+    slow_server.inject("slow", action="generate", delay=1.0)  # held, then a task is made
+    process = await spawn("generate", "a cat", "--json", server=slow_server)
+    try:
+        await wait_until(lambda: slow_server.counts["generate"] >= 1)
+        process.send_signal(signal.SIGTERM)
+    finally:
+        result = await finish(process)
+    assert result.code == 143
+    (task_id,) = slow_server.tasks
+    assert [entry["id"] for entry in result.tasks] == [task_id]
+    assert "waiting for the submission in flight to answer" in result.err
+    assert f"Submitted task {task_id}" in result.err
+    assert result.err.rstrip().endswith(f"tasks wait {task_id}")

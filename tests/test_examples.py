@@ -203,8 +203,9 @@ def write_prompts(path: Path, prompts: list[str]) -> Path:
     return path
 
 
-def results(path: Path) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+def results(folder: Path) -> list[dict[str, Any]]:
+    text = (folder / "manifest.jsonl").read_text(encoding="utf-8")
+    return [json.loads(line) for line in text.splitlines()]
 
 
 async def test_batch_script_writes_results_and_resumes(
@@ -212,17 +213,18 @@ async def test_batch_script_writes_results_and_resumes(
 ) -> None:
     prompts = [f"picture {i}" for i in range(9)] + ["a refused one [fail]"]
     prompts_file = write_prompts(tmp_path / "prompts.txt", prompts)
-    out = tmp_path / "out.jsonl"
+    out = tmp_path / "out"
     async with fast_client(server) as client:
         first = await batch.run(client, prompts_file, out, max_in_flight=3, echo=False)
     assert (first.submitted, first.succeeded, first.failed, first.pending) == (10, 9, 1, 0)
     lines = results(out)
-    assert sorted(r["prompt"] for r in lines) == sorted(prompts)
+    assert [r["prompt"] for r in lines] == prompts
     for record in lines:
         task = server.tasks[record["task_id"]]
         assert record["prompt"] == task.prompt
         assert record["image_urls"] == task.image_urls
         assert record["state"] == ("failed" if "[fail]" in task.prompt else "succeeded")
+        assert all((out / name).is_file() for name in record["files"])
     assert server.counts["generate"] == 10
 
     async with fast_client(server) as client:  # a second run has nothing left to do
@@ -234,13 +236,12 @@ async def test_batch_script_writes_results_and_resumes(
 
 async def test_batch_script_waits_on_tasks_it_already_submitted(tmp_path: Path) -> None:
     prompts_file = write_prompts(tmp_path / "prompts.txt", [f"slow {i}" for i in range(6)])
-    out = tmp_path / "out.jsonl"
+    out = tmp_path / "out"
     async with FakeNanoBanana(duration=60.0) as server:
-        async with fast_client(server) as client:  # interrupted: nothing finishes in time
-            first = await batch.run(
-                client, prompts_file, out, max_in_flight=4, timeout=0.2, echo=False
-            )
-        assert (first.submitted, first.pending) == (4, 6)
+        async with fast_client(server) as client:  # stopped: nothing finishes in time
+            with pytest.raises(TimeoutError):
+                async with asyncio.timeout(0.5):
+                    await batch.run(client, prompts_file, out, max_in_flight=4, echo=False)
         assert server.counts["generate"] == 4
         finisher = asyncio.create_task(finish_everything(server))
         try:
@@ -251,25 +252,25 @@ async def test_batch_script_waits_on_tasks_it_already_submitted(tmp_path: Path) 
             await asyncio.wait([finisher])
         assert (second.resumed, second.submitted, second.succeeded) == (4, 2, 6)
         assert server.counts["generate"] == 6  # the first four were not paid for twice
-        assert sorted(r["line"] for r in results(out)) == [3, 4, 5, 6, 7, 8]
+        assert [r["key"] for r in results(out)] == ["3", "4", "5", "6", "7", "8"]
 
 
 async def test_batch_script_refuses_a_changed_prompts_file(
     server: FakeNanoBanana, tmp_path: Path
 ) -> None:
     prompts_file = write_prompts(tmp_path / "prompts.txt", ["one", "two"])
-    out = tmp_path / "out.jsonl"
-    journal = tmp_path / "out.jsonl.journal"
-    journal.write_text(json.dumps({"line": 3, "prompt": "uno", "task_id": "x"}) + "\n")
+    out = tmp_path / "out"
     async with fast_client(server) as client:
+        await batch.run(client, prompts_file, out, echo=False)
+        write_prompts(prompts_file, ["uno", "two"])
         with pytest.raises(ValueError, match="changed"):
             await batch.run(client, prompts_file, out, echo=False)
-    assert server.counts["generate"] == 0
+    assert server.counts["generate"] == 2
 
 
 async def test_batch_script_as_a_script(server: FakeNanoBanana, tmp_path: Path) -> None:
     prompts_file = write_prompts(tmp_path / "prompts.txt", ["a cat", "a dog", "a bird"])
-    out = tmp_path / "results.jsonl"
+    out = tmp_path / "results"
     stdout = await run_example(
         server, "batch_script.py", str(prompts_file), "--out", str(out), "--max-in-flight", "2"
     )
@@ -277,6 +278,35 @@ async def test_batch_script_as_a_script(server: FakeNanoBanana, tmp_path: Path) 
     assert summary["succeeded"] == 3
     assert summary["pending"] == 0
     assert len(results(out)) == 3
+
+
+async def test_batch_script_stops_on_ctrl_c_without_a_traceback(tmp_path: Path) -> None:
+    prompts_file = write_prompts(tmp_path / "prompts.txt", [f"slow {i}" for i in range(4)])
+    out = tmp_path / "out"
+    async with FakeNanoBanana(duration=60.0) as slow:
+        process = await asyncio.create_subprocess_exec(
+            sys.executable,
+            str(EXAMPLES / "batch_script.py"),
+            str(prompts_file),
+            "--out",
+            str(out),
+            env=script_env(slow),
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        try:
+            await wait_until(lambda: slow.counts["retrieve_batch"] >= 1)
+            process.send_signal(signal.SIGINT)
+            async with asyncio.timeout(WAIT):
+                _, stderr = await process.communicate()
+        finally:
+            if process.returncode is None:
+                process.kill()
+                await process.wait()
+        assert process.returncode == 130
+        assert "Traceback" not in stderr.decode()
+        assert "run the same command again to resume" in stderr.decode()
+        assert {r["task_id"] for r in results(out)} == set(slow.tasks)
 
 
 # --------------------------------------------------------------------------- chat bot

@@ -1,33 +1,45 @@
 """The commands of ``nanobanana``, each an async function of the run's :class:`Context`.
 
-A command returns its exit code after printing its results; library errors it does
-not expect propagate to ``_main``, which turns them into one line and a code.
+A command records each task it submits or reads in the context as it goes (see
+``_context``), and returns its exit code after printing its results; library errors it
+does not expect propagate to ``_main``, which prints what the context holds, then one
+line and a code.
 """
 
 from __future__ import annotations
 
-import argparse
 import asyncio
+import json
+import os
 import shlex
-import signal
+import sys
 import tempfile
-from collections.abc import Awaitable, Callable, Iterator, Sequence
-from contextlib import aclosing, contextmanager
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from pathlib import Path
-from typing import Final
+from typing import Any, Final
 
 import attrs
+from rich import box
+from rich.table import Table
 
 from .._client import NanoBananaClient
 from .._concurrency import gather_or_cancel
-from .._errors import NanoBananaError, TaskNotFoundError, TaskTimeoutError
-from .._models import Task
+from .._errors import (
+    AuthenticationError,
+    NanoBananaError,
+    PermissionDeniedError,
+    TaskNotFoundError,
+)
+from .._models import Submission, Task
 from ..testing import FakeNanoBanana
-from ._console import Output
+from ._batch import batch
+from ._catalog import DEFAULT_MODEL, MODELS, ignored_resolution
+from ._console import Tracker
+from ._context import Context, make_client
 from ._exit import ExitCode
-from ._report import NOT_FOUND, TaskReport
+from ._report import NOT_FOUND, PENDING, TaskReport
 
-__all__ = ["Command", "Context", "command_for"]
+__all__ = ["Command", "command_for"]
 
 
 # The demo's prompts: (prompt, count, aspect ratio). The last one fails on purpose,
@@ -40,85 +52,30 @@ _DEMO_PROMPTS: Final = (
     ("something the content filter refuses [fail]", 1, "1:1"),
 )
 _STOPPED: Final = "Fake server stopped."
-
-
-@attrs.define
-class Context:
-    """One run of the command line: its arguments, its output, what a Ctrl-C leaves behind."""
-
-    args: argparse.Namespace
-    output: Output
-    #: Task ids still running on the service: a Ctrl-C or a timeout tells how to resume.
-    waiting: list[str] = attrs.field(factory=list)
-    #: Whether a submission is in flight (a Ctrl-C may then have created a task).
-    submitting: bool = False
-    #: False when the tasks live in this process only (the demo's fake server).
-    resumable: bool = True
-    #: What a Ctrl-C means for this command: the exit code and the line to print.
-    interrupt_code: ExitCode = ExitCode.INTERRUPTED
-    interrupt_message: str | None = None
-    interrupt_reported: bool = False
-
-    def wait_command(self, task_ids: Sequence[str]) -> str:
-        """The command that waits for ``task_ids`` again (never with the token)."""
-        words = ["nanobanana", "tasks", "wait"]
-        base_url = getattr(self.args, "base_url", None)
-        if base_url:
-            words += ["--base-url", base_url]
-        return shlex.join([*words, *task_ids])
-
-    def report_interrupt(self) -> None:
-        """Say what a Ctrl-C left running and how to pick it up; once."""
-        if self.interrupt_reported:
-            return
-        self.interrupt_reported = True
-        if self.interrupt_message is not None:
-            self.output.note(self.interrupt_message)
-            return
-        if self.waiting and self.resumable:
-            tasks = "The task keeps" if len(self.waiting) == 1 else "The tasks keep"
-            self.output.note(
-                f"Interrupted. {tasks} running on the service; wait again with: "
-                + self.wait_command(self.waiting),
-                style="yellow",
-            )
-        elif self.submitting:
-            self.output.note(
-                "Interrupted while submitting: the service may already have created the task.",
-                style="yellow",
-            )
-        else:
-            self.output.note("Interrupted.", style="yellow")
-
+#: The error code of a task whose images were not all saved when the command stopped.
+INCOMPLETE: Final = "incomplete"
+_READ_ERROR: Final = "read_failed"
+_DOWNLOAD_ERROR: Final = "download_failed"
 
 Command = Callable[[Context], Awaitable[int]]
 
 
-def command_for(args: argparse.Namespace) -> Command:
+def command_for(args: object) -> Command:
     """The function that runs the command the arguments name."""
-    if args.command == "tasks":
-        return tasks_get if args.tasks_command == "get" else tasks_wait
+    command = getattr(args, "command", None)
+    if command == "tasks":
+        return {"get": tasks_get, "wait": tasks_wait, "download": tasks_download}[
+            getattr(args, "tasks_command", "get")
+        ]
     commands: dict[str, Command] = {
         "generate": generate,
         "edit": edit,
+        "batch": batch,
+        "models": models,
         "demo": demo,
         "fake-server": fake_server,
     }
-    return commands[args.command]
-
-
-def _client(args: argparse.Namespace) -> NanoBananaClient:
-    interval: float = args.poll_interval
-    try:
-        return NanoBananaClient(
-            args.token,  # None: the client reads ACEDATACLOUD_API_TOKEN and says so if unset
-            base_url=args.base_url,
-            poll_interval=interval,
-            max_poll_interval=max(interval, 5.0),
-        )
-    except NanoBananaError as exc:
-        exc.add_note("(pass --token, or try 'nanobanana demo', which needs none)")
-        raise
+    return commands[str(command)]
 
 
 # --- generate / edit ------------------------------------------------------------------
@@ -143,122 +100,342 @@ async def _submit_and_wait(ctx: Context, image_urls: list[str] | None) -> int:
         "resolution": args.resolution,
         "count": args.count,
     }
-    async with _client(args) as client:
-        ctx.submitting = True
+    warning = ignored_resolution(args.model, args.resolution)
+    if warning:
+        output.note(f"Note: {warning}", style="yellow")
+    async with make_client(args) as client:
         if image_urls is None:
-            submission = await client.generate(args.prompt, **options)
+            request = client.generate(args.prompt, **options)
         else:
-            submission = await client.edit(args.prompt, image_urls, **options)
-        ctx.submitting = False
+            request = client.edit(args.prompt, image_urls, **options)
+        submission = await _submit(ctx, request)
         task_id = submission.task_id
         if args.no_wait:
-            output.report([TaskReport.pending(task_id)])
-            output.note(f"Submitted. Wait for it with: {ctx.wait_command([task_id])}")
+            ctx.print_reports()
+            output.note(f"Wait for it with: {ctx.wait_command([task_id])}")
             return ExitCode.OK
-        ctx.waiting = [task_id]
+        # The submission itself, not its id: the poll loop then knows the task is new.
+        timed_out = await _follow(client, ctx, [submission], args.out_path, single=True)
+    return _conclude(ctx, timed_out=timed_out)
+
+
+async def _submit(ctx: Context, request: Coroutine[Any, Any, Submission]) -> Submission:
+    """Send the submission; its task id is recorded and shown the moment it is known.
+
+    A stop (Ctrl-C, SIGTERM) during the request lets it finish first, so the id of a
+    task that may be paid for is not lost; a second Ctrl-C gives up on it.
+    """
+    ctx.submitting = True
+    sending = asyncio.ensure_future(request)
+    stopped = False
+    try:
+        submission = await asyncio.shield(sending)
+    except asyncio.CancelledError:
+        stopped = True
+        ctx.output.note(
+            "Stopping: waiting for the submission in flight to answer, so its task id is "
+            "not lost (Ctrl-C again to give up).",
+            style="yellow",
+        )
         try:
-            with output.waiting_for(task_id) as on_update:
-                task = await client.wait(submission, timeout=args.timeout, on_update=on_update)
-        except TaskTimeoutError as exc:
-            report = TaskReport.of(exc.last) if exc.last else TaskReport.pending(task_id)
-            return _conclude(ctx, [report], timeout=args.timeout)
-        ctx.waiting = []
-        files = await _save(client, ctx, task, args.out_path)
-    return _conclude(ctx, [TaskReport.of(task, files)])
+            submission = await sending
+        except NanoBananaError:
+            raise asyncio.CancelledError from None
+    ctx.submitting = False
+    ctx.track(TaskReport.pending(submission.task_id, prompt=ctx.args.prompt))
+    # At once, on any stderr: the id of a paid task must survive whatever comes next.
+    ctx.output.note(f"Submitted task {submission.task_id}")
+    if stopped:
+        ctx.waiting = [submission.task_id]
+        raise asyncio.CancelledError
+    return submission
+
+
+# --- waiting, saving, concluding --------------------------------------------------------
+
+
+async def _follow(
+    client: NanoBananaClient,
+    ctx: Context,
+    targets: Sequence[str | Submission | Task],
+    folder: Path | None,
+    *,
+    single: bool = False,
+) -> bool:
+    """Wait for every task and save each one's images as it succeeds, all within the
+    command's ``--timeout``; returns whether that deadline ran out."""
+    ids = [_id_of(target) for target in targets]
+    ctx.waiting = [
+        task_id
+        for task_id, target in zip(ids, targets, strict=True)
+        if not isinstance(target, Task) or not target.done
+    ]
+    show = ctx.output.waiting_for(ids[0]) if single else ctx.output.waiting_for_many(len(ids))
+    deadline = asyncio.timeout(ctx.args.timeout)
+    try:
+        with show as tracker:
+            async with deadline:
+                await gather_or_cancel(
+                    _follow_one(client, ctx, target, folder, tracker) for target in targets
+                )
+    except TimeoutError:
+        if not deadline.expired():
+            raise
+        return True
+    return False
+
+
+def _id_of(target: str | Submission | Task) -> str:
+    if isinstance(target, str):
+        return target
+    return target.task_id if isinstance(target, Submission) else target.id
+
+
+async def _follow_one(
+    client: NanoBananaClient,
+    ctx: Context,
+    target: str | Submission | Task,
+    folder: Path | None,
+    tracker: Tracker,
+) -> None:
+    task_id = _id_of(target)
+
+    def on_update(task: Task) -> None:
+        ctx.track(TaskReport.of(task))
+        tracker.update(task)
+
+    try:
+        task = await client.wait(target, timeout=None, on_update=on_update)
+    except TaskNotFoundError:
+        report = TaskReport.not_found(task_id)
+        ctx.track(report)
+        ctx.waiting.remove(task_id)
+        tracker.finished(report)
+        return
+    except (AuthenticationError, PermissionDeniedError):
+        raise  # the same for every task: one error line says it
+    except NanoBananaError as exc:
+        # This task's record could not be read: it stays pending, with the reason.
+        current = ctx.known.get(task_id) or TaskReport.pending(task_id)
+        ctx.track(current.with_problem(_READ_ERROR, str(exc)))
+        return
+    if task_id in ctx.waiting:
+        ctx.waiting.remove(task_id)
+    report = TaskReport.of(task)
+    ctx.track(report)
+    tracker.finished(report)
+    if folder is not None and task.failure is None:
+        tracker.saving(task_id, len(task.image_urls))
+        await _save(client, ctx, task_id, task.image_urls, folder)
 
 
 async def _save(
-    client: NanoBananaClient, ctx: Context, task: Task, folder: Path | None
-) -> list[Path]:
-    """Download a succeeded task's images into ``folder``, if one was asked for."""
-    if folder is None or task.failure is not None:
-        return []
-    count = len(task.image_urls)
-    with ctx.output.busy(f"Downloading {count} image{'s' * (count != 1)} to {folder}"):
-        return await client.download_all(task, folder)
+    client: NanoBananaClient, ctx: Context, task_id: str, urls: Sequence[str], folder: Path
+) -> None:
+    """Save a task's images; the report keeps what was saved and what went wrong."""
+    saved: dict[int, Path] = {}
+    problem: str | None = None
 
+    async def one(index: int, url: str) -> None:
+        # The trailing separator says "a folder" even before it exists.
+        saved[index] = await client.download(url, f"{folder}{os.sep}")
 
-# --- tasks get / wait -----------------------------------------------------------------
-
-
-async def tasks_get(ctx: Context) -> int:
-    """``nanobanana tasks get``: read each task once."""
-    ids: list[str] = ctx.args.ids
-    async with _client(ctx.args) as client:
-        if len(ids) == 1:
-            try:
-                found = {ids[0]: await client.retrieve(ids[0])}
-            except TaskNotFoundError:
-                found = {}
-        else:
-            batch = await client.retrieve_batch(ids)
-            found = {task.id: task for task in batch.items}
-    reports = [
-        TaskReport.of(found[task_id]) if task_id in found else TaskReport.not_found(task_id)
-        for task_id in ids
-    ]
-    return _conclude(ctx, reports)
-
-
-async def tasks_wait(ctx: Context) -> int:
-    """``nanobanana tasks wait``: a progress bar while the tasks finish, then a summary."""
-    args = ctx.args
-    async with _client(args) as client:
-        reports, timed_out = await _wait_all(client, ctx, args.ids, args.timeout, args.out_path)
-    return _conclude(ctx, reports, timeout=args.timeout if timed_out else None)
-
-
-async def _wait_all(
-    client: NanoBananaClient,
-    ctx: Context,
-    task_ids: list[str],
-    timeout: float,
-    folder: Path | None,
-) -> tuple[list[TaskReport], bool]:
-    """Wait for every task, downloading as each succeeds; reports in the given order.
-
-    Returns whether the timeout ran out; the tasks not finished then are reported
-    as pending.
-    """
-    ctx.waiting = list(task_ids)
-    done: dict[str, TaskReport] = {}
-    timed_out = False
-    with ctx.output.waiting_for_many(len(task_ids)) as tracker:
-        try:
-            async with aclosing(client.as_completed(task_ids, timeout=timeout)) as finished:
-                async for task in finished:
-                    ctx.waiting.remove(task.id)
-                    files = await _save(client, ctx, task, folder)
-                    done[task.id] = TaskReport.of(task, files)
-                    tracker.finished(task)
-        except TaskTimeoutError:
-            timed_out = True
-    return [done.get(task_id) or TaskReport.pending(task_id) for task_id in task_ids], timed_out
-
-
-def _conclude(ctx: Context, reports: list[TaskReport], *, timeout: float | None = None) -> int:
-    """Print the reports and the one line that explains a non-zero exit code."""
-    output = ctx.output
-    output.report(reports)
-    pending = [report.id for report in reports if report.state == "pending"]
-    missing = [report.id for report in reports if report.state == NOT_FOUND]
-    failed = [report for report in reports if report.failed]
-    if timeout is not None and pending:
-        tasks = "task" if len(pending) == 1 else "tasks"
-        output.error(
-            f"timed out after {timeout:g} s with {len(pending)} {tasks} still pending; "
-            f"they keep running on the service. Wait again with: {ctx.wait_command(pending)}"
+    try:
+        await gather_or_cancel(one(index, url) for index, url in enumerate(urls))
+    except (NanoBananaError, OSError, ValueError) as exc:
+        problem = str(exc)
+    except asyncio.CancelledError:
+        # A stop or the --timeout: keep the URLs and the files saved so far.
+        files = [saved[index] for index in sorted(saved)]
+        message = (
+            f"stopped with {len(files)} of {len(urls)} images saved; save them with: "
+            + ctx.command_line(["tasks", "download"], [task_id, "--out", str(folder)])
         )
+        ctx.track(ctx.known[task_id].with_problem(INCOMPLETE, message, files))
+        raise
+    files = [saved[index] for index in sorted(saved)]
+    report = ctx.known[task_id]
+    if problem is None:
+        ctx.track(attrs.evolve(report, files=files))
+    else:
+        ctx.track(report.with_problem(_DOWNLOAD_ERROR, problem, files))
+
+
+def _conclude(ctx: Context, *, timed_out: bool = False, pending_hint: str | None = None) -> int:
+    """Print every report, then the one line that explains a non-zero exit code."""
+    output = ctx.output
+    ctx.print_reports()
+    reports = ctx.reports()
+    pending = [report.id for report in reports if report.state == PENDING]
+    incomplete = [r.id for r in reports if r.error is not None and r.error.code == INCOMPLETE]
+    if timed_out and (pending or incomplete):
+        parts = [f"timed out after {ctx.args.timeout:g} s"]
+        if pending:
+            tasks = "task" if len(pending) == 1 else "tasks"
+            parts.append(
+                f"with {len(pending)} {tasks} still pending; they keep running on the service. "
+                f"Wait again with: {ctx.wait_command(pending, *_out_words(ctx))}"
+            )
+        if incomplete:
+            parts.append(
+                "before every image was saved; the image URLs are on stdout. Save them with: "
+                + ctx.command_line(["tasks", "download"], [*incomplete, *_out_words(ctx)])
+            )
+        output.error(" ".join([parts[0], " and ".join(parts[1:])]))
         return ExitCode.TIMEOUT
-    if missing:
-        output.error("the service does not know task id(s): " + ", ".join(missing))
+    if pending and pending_hint is not None:
+        output.error(pending_hint.format(ids=shlex.join(pending), count=len(pending)))
+        return ExitCode.TIMEOUT
+    missing = [report.id for report in reports if report.state == NOT_FOUND]
+    problems = [report for report in reports if report.problem and report.state != NOT_FOUND]
+    if missing or problems:
+        lines = []
+        if missing:
+            lines.append("the service does not know task id(s): " + ", ".join(missing))
+        for report in problems:
+            assert report.error is not None
+            if report.error.code == _DOWNLOAD_ERROR:
+                lines.append(
+                    f"could not save the images of task {report.id} ({report.error.message}); "
+                    "the image URLs are on stdout. Save them later with: "
+                    + ctx.command_line(["tasks", "download"], [report.id, *_out_words(ctx)])
+                )
+            else:
+                lines.append(f"could not read task {report.id}: {report.error.message}")
+        output.error("; ".join(lines))
         return ExitCode.API_ERROR
+    failed = [report for report in reports if report.failed]
     if failed:
         if len(reports) == 1:
             output.error(f"task {failed[0].id} failed: {failed[0].error_text}")
         else:
             output.error(f"{len(failed)} of {len(reports)} tasks failed")
         return ExitCode.TASK_FAILED
+    return ExitCode.OK
+
+
+def _out_words(ctx: Context) -> list[str]:
+    folder = getattr(ctx.args, "out_path", None)
+    return ["--out", str(folder)] if folder is not None else []
+
+
+# --- tasks get / wait / download --------------------------------------------------------
+
+
+async def _read(client: NanoBananaClient, task_ids: list[str]) -> dict[str, Task]:
+    """Read tasks once: one ``retrieve``, or ``retrieve_batch`` for several."""
+    if len(task_ids) == 1:
+        try:
+            return {task_ids[0]: await client.retrieve(task_ids[0])}
+        except TaskNotFoundError:
+            return {}
+    batch_read = await client.retrieve_batch(task_ids)
+    return {task.id: task for task in batch_read.items}
+
+
+async def tasks_get(ctx: Context) -> int:
+    """``nanobanana tasks get``: read each task once."""
+    ids: list[str] = ctx.args.ids
+    ctx.order = list(ids)
+    async with make_client(ctx.args) as client:
+        found = await _read(client, ids)
+    for task_id in ids:
+        task = found.get(task_id)
+        ctx.track(TaskReport.of(task) if task is not None else TaskReport.not_found(task_id))
+    return _conclude(ctx)
+
+
+async def tasks_wait(ctx: Context) -> int:
+    """``nanobanana tasks wait``: a progress bar while the tasks finish, then a summary."""
+    args = ctx.args
+    ids: list[str] = args.ids
+    ctx.order = list(ids)
+    async with make_client(args) as client:
+        targets = await _first_look(client, ctx, ids)
+        timed_out = await _follow(client, ctx, targets, args.out_path)
+    return _conclude(ctx, timed_out=timed_out)
+
+
+async def _first_look(client: NanoBananaClient, ctx: Context, ids: list[str]) -> list[str | Task]:
+    """Read the tasks once before waiting: finished ones need no more requests, and an
+    id the service does not list (yet) is named, with how long it is waited for."""
+    try:
+        found = (await client.retrieve_batch(ids)).items
+    except (AuthenticationError, PermissionDeniedError):
+        raise
+    except NanoBananaError:
+        return list(ids)  # the waits will read them; this look was only a courtesy
+    records = {task.id: task for task in found}
+    for task in found:
+        ctx.track(TaskReport.of(task))
+    missing = [task_id for task_id in ids if task_id not in records]
+    if missing:
+        grace = ctx.args.not_found_grace
+        names = ", ".join(missing)
+        ctx.output.note(
+            f"The service does not know {names} (yet); waiting up to {grace:g} s for "
+            f"{'it' if len(missing) == 1 else 'them'} to appear (--not-found-grace).",
+            style="yellow",
+        )
+    return [records.get(task_id, task_id) for task_id in ids]
+
+
+async def tasks_download(ctx: Context) -> int:
+    """``nanobanana tasks download``: read the tasks once and save the succeeded ones."""
+    args = ctx.args
+    ids: list[str] = args.ids
+    folder: Path = args.out_path
+    ctx.order = list(ids)
+    async with make_client(args) as client:
+        found = await _read(client, ids)
+        for task_id in ids:
+            task = found.get(task_id)
+            ctx.track(TaskReport.of(task) if task is not None else TaskReport.not_found(task_id))
+        done = [task for task in found.values() if task.failure is None and task.done]
+        deadline = asyncio.timeout(args.timeout)
+        timed_out = False
+        try:
+            with ctx.output.busy(f"Saving the images of {len(done)} task(s) to {folder}"):
+                async with deadline:
+                    await gather_or_cancel(
+                        _save(client, ctx, task.id, task.image_urls, folder) for task in done
+                    )
+        except TimeoutError:
+            if not deadline.expired():
+                raise
+            timed_out = True
+    hint = (
+        "{count} task(s) still pending: nothing to save yet. Wait for them and save "
+        f"their images with: {ctx.command_line(['tasks', 'wait'], ['--out', str(folder)])} "
+        "{ids}"
+    )
+    return _conclude(ctx, timed_out=timed_out, pending_hint=hint)
+
+
+# --- models ---------------------------------------------------------------------------------
+
+
+async def models(ctx: Context) -> int:
+    """``nanobanana models``: the known models and the resolutions each honours."""
+    if ctx.args.json:
+        document = {"models": [model.to_json() for model in MODELS]}
+        sys.stdout.write(json.dumps(document, indent=2) + "\n")
+        return ExitCode.OK
+    table = Table(box=box.SIMPLE_HEAD)
+    table.add_column("Model", no_wrap=True)
+    table.add_column("Resolutions", no_wrap=True)
+    table.add_column(":official", no_wrap=True)
+    table.add_column("Underlying model")
+    for model in MODELS:
+        name = model.name + (" (default)" if model.name == DEFAULT_MODEL else "")
+        table.add_row(
+            name, ", ".join(model.resolutions), "yes" if model.official else "no", model.underlying
+        )
+    ctx.output.out.print(table)
+    ctx.output.note(
+        "The list grows: other model names are passed to the service as they are. "
+        "':official' variants (e.g. nano-banana-pro:official) are billed differently."
+    )
     return ExitCode.OK
 
 
@@ -270,6 +447,7 @@ async def demo(ctx: Context) -> int:
     output = ctx.output
     ctx.resumable = False  # the tasks die with this process's fake server
     folder: Path = ctx.args.out_path or Path(tempfile.mkdtemp(prefix="nanobanana-demo-"))
+    ctx.args.timeout = 30.0
     async with FakeNanoBanana(duration=(0.5, 2.0), seed=None) as server:
         output.note(
             f"Demo: started a simulated Nano Banana server at {server.base_url} "
@@ -283,14 +461,16 @@ async def demo(ctx: Context) -> int:
                 client.generate(prompt, count=count, aspect_ratio=ratio)
                 for prompt, count, ratio in _DEMO_PROMPTS
             )
+            for submission, (prompt, _, _) in zip(submissions, _DEMO_PROMPTS, strict=True):
+                ctx.track(TaskReport.pending(submission.task_id, prompt=prompt))
             output.note(
                 f"Submitted {len(submissions)} tasks; one shared poll loop reads them all "
                 f"with retrieve_batch, and saves the images to {folder}."
             )
             ids = [submission.task_id for submission in submissions]
-            reports, timed_out = await _wait_all(client, ctx, ids, 30.0, folder)
-    output.report(reports)
-    failed = sum(report.failed for report in reports)
+            timed_out = await _follow(client, ctx, list(ids), folder)
+    ctx.print_reports()
+    failed = sum(report.failed for report in ctx.reports())
     output.note(
         "This ran against a local simulated server (nanobanana_async.testing.FakeNanoBanana): "
         "no real images were made and no account was used"
@@ -302,7 +482,11 @@ async def demo(ctx: Context) -> int:
 
 
 async def fake_server(ctx: Context) -> int:
-    """``nanobanana fake-server``: serve the fake API in the foreground until Ctrl-C."""
+    """``nanobanana fake-server``: serve the fake API in the foreground until stopped.
+
+    Stopping it (Ctrl-C or SIGTERM) exits 0 and prints the requests it served, by
+    action, as one JSON line on stdout (a test's or a benchmark's count of submissions).
+    """
     args, output = ctx.args, ctx.output
     low, high = args.duration
     server = FakeNanoBanana(
@@ -329,26 +513,9 @@ async def fake_server(ctx: Context) -> int:
         ]
         for line in lines:
             output.line(line)
-        stop = asyncio.Event()
-        with _on_sigterm(stop.set):
-            await stop.wait()  # until SIGTERM, or Ctrl-C cancels the command
-    output.note(_STOPPED)
+        try:
+            await asyncio.Event().wait()  # until Ctrl-C or SIGTERM cancels the command
+        finally:
+            counts = dict(sorted(server.counts.items()))
+            output.line(f"Requests served: {json.dumps(counts)}")
     return ExitCode.OK
-
-
-@contextmanager
-def _on_sigterm(callback: Callable[[], object]) -> Iterator[None]:
-    """Call ``callback`` on SIGTERM while the block runs (where the loop can; else not)."""
-    loop = asyncio.get_running_loop()
-    previous = signal.getsignal(signal.SIGTERM)
-    try:
-        loop.add_signal_handler(signal.SIGTERM, callback)
-    except (NotImplementedError, RuntimeError, ValueError):  # Windows, or not main thread
-        yield
-        return
-    try:
-        yield
-    finally:
-        loop.remove_signal_handler(signal.SIGTERM)
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)

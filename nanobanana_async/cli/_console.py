@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import json
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Protocol
 
 from rich import box
 from rich.console import Console
@@ -21,6 +22,7 @@ from rich.progress import (
     TaskID,
     TextColumn,
     TimeElapsedColumn,
+    TimeRemainingColumn,
 )
 from rich.table import Table
 from rich.text import Text
@@ -28,7 +30,7 @@ from rich.text import Text
 from .._models import Task
 from ._report import TaskReport, document
 
-__all__ = ["Output", "WaitTracker"]
+__all__ = ["BatchProgress", "Output", "StatusLine", "Tracker", "WaitTracker"]
 
 _STATE_STYLES = {
     "succeeded": "green",
@@ -36,6 +38,37 @@ _STATE_STYLES = {
     "pending": "yellow",
     "not_found": "red",
 }
+
+
+class Tracker(Protocol):
+    """What a wait shows while tasks finish: a status line, or a progress bar."""
+
+    def update(self, task: Task) -> None:
+        """A task's record changed."""
+
+    def finished(self, report: TaskReport) -> None:
+        """A task finished (or turned out unknown)."""
+
+    def saving(self, task_id: str, count: int) -> None:
+        """A task's images are being saved."""
+
+
+class StatusLine:
+    """The live status line of a one-task wait."""
+
+    def __init__(self, progress: Progress, line: TaskID) -> None:
+        self._progress = progress
+        self._line = line
+
+    def update(self, task: Task) -> None:
+        self._progress.update(self._line, description=f"Task {task.id}: {task.state.value}")
+
+    def finished(self, report: TaskReport) -> None:
+        self._progress.update(self._line, description=f"Task {report.id}: {report.state}")
+
+    def saving(self, task_id: str, count: int) -> None:
+        images = f"{count} image{'s' * (count != 1)}"
+        self._progress.update(self._line, description=f"Task {task_id}: saving {images}")
 
 
 class WaitTracker:
@@ -47,13 +80,41 @@ class WaitTracker:
         self._succeeded = 0
         self._failed = 0
 
-    def finished(self, task: Task) -> None:
-        """Count one more finished task."""
-        if task.failure is None:
+    def update(self, task: Task) -> None:
+        pass
+
+    def finished(self, report: TaskReport) -> None:
+        """Count one more finished task (counted when it finishes, before any download)."""
+        if report.state == "succeeded":
             self._succeeded += 1
         else:
             self._failed += 1
         self._progress.update(self._bar, advance=1, succeeded=self._succeeded, failed=self._failed)
+
+    def saving(self, task_id: str, count: int) -> None:
+        pass
+
+
+class BatchProgress:
+    """The progress of ``nanobanana batch``: a bar with counts and an ETA on a terminal,
+    one plain line per event in a pipe (a log reader or CI sees each as it happens)."""
+
+    def __init__(self, output: Output, progress: Progress | None, bar: TaskID | None) -> None:
+        self._output = output
+        self._progress = progress
+        self._bar = bar
+
+    def line(self, text: str, style: str | None = None) -> None:
+        if self._progress is not None:
+            self._progress.console.print(Text(text, style=style or ""), soft_wrap=True)
+        else:
+            self._output.note(text, style=style)
+
+    def show(self, done: int, failed: int, pending: int) -> None:
+        if self._progress is not None and self._bar is not None:
+            self._progress.update(
+                self._bar, completed=done + failed, done=done, failed=failed, pending=pending
+            )
 
 
 class Output:
@@ -78,8 +139,8 @@ class Output:
     # --- progress (stderr) ------------------------------------------------------------
 
     @contextmanager
-    def waiting_for(self, task_id: str) -> Iterator[Callable[[Task], None]]:
-        """A live status line for one task; yields the ``on_update`` that refreshes it."""
+    def waiting_for(self, task_id: str) -> Iterator[StatusLine]:
+        """A live status line for one task."""
         progress = Progress(
             SpinnerColumn(),
             TextColumn("{task.description}", markup=False),
@@ -90,12 +151,8 @@ class Output:
             disable=not self.err.is_terminal,
         )
         line = progress.add_task(f"Task {task_id}: submitted", total=None)
-
-        def on_update(task: Task) -> None:
-            progress.update(line, description=f"Task {task.id}: {task.state.value}")
-
         with progress:
-            yield on_update
+            yield StatusLine(progress, line)
 
     @contextmanager
     def waiting_for_many(self, total: int) -> Iterator[WaitTracker]:
@@ -112,6 +169,38 @@ class Output:
         bar = progress.add_task("wait", total=total, succeeded=0, failed=0)
         with progress:
             yield WaitTracker(progress, bar)
+
+    @contextmanager
+    def batch_progress(self, total: int, already: tuple[int, int, int]) -> Iterator[BatchProgress]:
+        """The progress of a batch of ``total`` jobs; ``already`` is (done, failed, pending)."""
+        if not self.err.is_terminal:
+            yield BatchProgress(self, None, None)
+            return
+        done, failed, pending = already
+        progress = Progress(
+            SpinnerColumn(),
+            TextColumn("Batch"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn(
+                "[green]{task.fields[done]} done[/] [red]{task.fields[failed]} failed[/] "
+                "[yellow]{task.fields[pending]} pending"
+            ),
+            TimeElapsedColumn(),
+            TextColumn("ETA"),
+            TimeRemainingColumn(),
+            console=self.err,
+        )
+        bar = progress.add_task(
+            "batch",
+            total=total,
+            completed=done + failed,
+            done=done,
+            failed=failed,
+            pending=pending,
+        )
+        with progress:
+            yield BatchProgress(self, progress, bar)
 
     @contextmanager
     def busy(self, text: str) -> Iterator[None]:
@@ -135,8 +224,13 @@ class Output:
             self.out.print(_table(reports))
         else:
             self._summary(reports[0])
+        # Each task's saved files (when all are), else its image URLs, else its id:
+        # whatever happened, stdout holds everything that was read.
         for report in reports:
-            for item in report.files or report.image_urls:
+            items: list[object] = list(report.image_urls) or [report.id]
+            if report.files and len(report.files) >= len(report.image_urls):
+                items = list(report.files)
+            for item in items:
                 self.out.print(Text(str(item)), soft_wrap=True)
 
     def _summary(self, report: TaskReport) -> None:

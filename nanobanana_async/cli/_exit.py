@@ -15,4 +15,5 @@ class ExitCode(enum.IntEnum):
     USAGE = 2
     API_ERROR = 3
     TIMEOUT = 4
-    INTERRUPTED = 130
+    INTERRUPTED = 130  # SIGINT (Ctrl-C)
+    TERMINATED = 143  # SIGTERM

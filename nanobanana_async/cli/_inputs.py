@@ -7,13 +7,22 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TextIO
+from typing import Final, TextIO
 
 from .._images import MAX_IMAGE_URL_BYTES, image_url
 
-__all__ = ["MAX_IMAGE_URL_BYTES", "UsageError", "image_reference", "out_folder", "read_task_ids"]
+__all__ = [
+    "MAX_IMAGE_URL_BYTES",
+    "UsageError",
+    "image_reference",
+    "out_folder",
+    "read_prompt",
+    "read_task_ids",
+]
+
 
 class UsageError(Exception):
     """The command line asks for something that cannot work (exit code 2)."""
@@ -34,8 +43,9 @@ def image_reference(value: str) -> str:
 def read_task_ids(values: Sequence[str], stdin: TextIO) -> list[str]:
     """The ids given, with ``-`` replaced by those read from ``stdin``; repeats dropped.
 
-    Standard input holds whitespace-separated ids, or the ``--json`` document of
-    another ``nanobanana`` command (its ``tasks[].id``).
+    Standard input holds whitespace-separated ids and ``--json`` documents of other
+    ``nanobanana`` commands, in any mix (several documents one after the other, as a
+    loop of ``generate --no-wait --json`` prints them), or a batch's ``manifest.jsonl``.
     """
     ids: list[str] = []
     for value in values:
@@ -49,17 +59,66 @@ def read_task_ids(values: Sequence[str], stdin: TextIO) -> list[str]:
     return ids
 
 
+_WORD: Final = re.compile(r"\S+")
+_SPACE: Final = re.compile(r"\s*")  # always matches, maybe empty
+
+
 def _ids_from_text(text: str) -> list[str]:
-    stripped = text.strip()
-    if stripped.startswith("{"):
-        try:
-            document = json.loads(stripped)
-            return [str(task["id"]) for task in document["tasks"]]
-        except (ValueError, KeyError, TypeError):
-            raise UsageError(
-                "stdin looks like JSON but not like nanobanana --json output"
-            ) from None
-    return stripped.split()
+    """Ids from a stream of words and JSON documents."""
+    decoder = json.JSONDecoder()
+    ids: list[str] = []
+    position = _skip_space(text, 0)
+    while position < len(text):
+        if text[position] in "{[":
+            try:
+                value, position = decoder.raw_decode(text, position)
+            except json.JSONDecodeError as exc:
+                line = text.count("\n", 0, position) + 1
+                raise UsageError(f"stdin holds broken JSON at line {line}: {exc.msg}") from None
+            ids.extend(_ids_in(value))
+        else:
+            word = _WORD.match(text, position)
+            assert word is not None
+            ids.append(word.group())
+            position = word.end()
+        position = _skip_space(text, position)
+    return ids
+
+
+def _skip_space(text: str, position: int) -> int:
+    space = _SPACE.match(text, position)
+    return space.end() if space is not None else position
+
+
+def _ids_in(value: object) -> list[str]:
+    """The task ids in one JSON value of ours: a ``--json`` document (``tasks[].id``),
+    a batch's (``jobs[].task_id``), a manifest line (``task_id``), or a list of those."""
+    if isinstance(value, list):
+        return [task_id for item in value for task_id in _ids_in(item)]
+    if isinstance(value, dict):
+        if isinstance(value.get("tasks"), list):
+            return [str(task["id"]) for task in value["tasks"] if isinstance(task, dict)]
+        if isinstance(value.get("jobs"), list):
+            return [
+                str(job["task_id"])
+                for job in value["jobs"]
+                if isinstance(job, dict) and job.get("task_id")
+            ]
+        if "task_id" in value:
+            return [str(value["task_id"])] if value["task_id"] else []
+        if isinstance(value.get("id"), str):
+            return [value["id"]]
+    raise UsageError("stdin holds JSON that is not the --json output of a nanobanana command")
+
+
+def read_prompt(value: str, stdin: TextIO) -> str:
+    """The prompt argument; ``-`` reads it from standard input (all of it, trimmed)."""
+    if value != "-":
+        return value
+    prompt = stdin.read().strip()
+    if not prompt:
+        raise UsageError("no prompt given (stdin was empty)")
+    return prompt
 
 
 def out_folder(value: str | None) -> Path | None:

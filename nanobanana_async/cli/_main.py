@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import signal
 import sys
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -14,27 +15,53 @@ from rich.logging import RichHandler
 from rich.traceback import Traceback
 
 from .._errors import NanoBananaError, TaskFailedError, TaskTimeoutError
-from ._commands import Context, command_for
+from ._commands import command_for
 from ._console import Output
+from ._context import Context
 from ._exit import ExitCode
-from ._inputs import UsageError, image_reference, out_folder, read_task_ids
+from ._inputs import UsageError, image_reference, out_folder, read_prompt, read_task_ids
+from ._jobs import read_jobs
 from ._parser import build_parser
 
 __all__ = ["main_async", "run"]
 
 
 def run(argv: Sequence[str] | None = None) -> int:
-    """The whole command line, in its own event loop; returns the exit code."""
+    """The whole command line, in its own event loop; returns the exit code.
+
+    Ctrl-C and SIGTERM both cancel the command: it prints what it has, says how to
+    resume, and exits 130 or 143.
+    """
     ctx = _start(argv, sys.stdin)
     if isinstance(ctx, int):
         return ctx
     try:
         with _logging(ctx):
-            return asyncio.run(execute(ctx))
+            return asyncio.run(_with_signals(ctx))
     except (KeyboardInterrupt, asyncio.CancelledError):
         # asyncio.run turns Ctrl-C into cancelling the command, then raises KeyboardInterrupt.
         ctx.report_interrupt()
-        return ctx.interrupt_code
+        return ctx.exit_code_when_stopped
+
+
+async def _with_signals(ctx: Context) -> int:
+    """Run the command with SIGTERM handled like Ctrl-C (where the loop can)."""
+    loop = asyncio.get_running_loop()
+    main = asyncio.current_task()
+    assert main is not None
+
+    def terminate() -> None:
+        ctx.stop_signal = signal.SIGTERM
+        main.cancel()
+
+    try:
+        loop.add_signal_handler(signal.SIGTERM, terminate)
+    except (NotImplementedError, RuntimeError, ValueError):  # Windows, or not main thread
+        return await execute(ctx)
+    try:
+        return await execute(ctx)
+    finally:
+        loop.remove_signal_handler(signal.SIGTERM)
 
 
 async def main_async(argv: Sequence[str], stdin: TextIO | None = None) -> int:
@@ -57,6 +84,7 @@ def _start(argv: Sequence[str] | None, stdin: TextIO) -> Context | int:
         args = parser.parse_args(argv)
     except SystemExit as exc:  # --help, --version, or argparse's own usage error
         return exc.code if isinstance(exc.code, int) else ExitCode.USAGE
+    args.argv = list(sys.argv[1:] if argv is None else argv)
     ctx = Context(args, Output(json_mode=getattr(args, "json", False)))
     try:
         _prepare(args, stdin)
@@ -70,23 +98,39 @@ def _start(argv: Sequence[str] | None, stdin: TextIO) -> Context | int:
 
 
 def _prepare(args: argparse.Namespace, stdin: TextIO) -> None:
-    """Turn image files into data: URLs, read ids from stdin, check the --out folder."""
+    """Read what the command needs from files and stdin: image files as data: URLs,
+    a prompt, task ids, a batch's jobs; check the --out folder."""
     images = getattr(args, "images", None)
     if images is not None:
         args.image_urls = [image_reference(value) for value in images]
+    if args.command in ("generate", "edit"):
+        args.prompt = read_prompt(args.prompt, stdin)
     if args.command == "tasks":
         args.ids = read_task_ids(args.ids, stdin)
+    if args.command == "batch":
+        defaults = {
+            "model": args.model,
+            "aspect_ratio": args.aspect_ratio,
+            "resolution": args.resolution,
+            "count": args.count,
+        }
+        args.jobs = read_jobs(args.prompts, stdin, {k: v for k, v in defaults.items() if v})
     args.out_path = out_folder(getattr(args, "out", None))
 
 
 async def execute(ctx: Context) -> int:
-    """Run the command; errors become one line on stderr and an exit code."""
+    """Run the command; errors become one line on stderr and an exit code.
+
+    Whatever ends the command, the tasks it submitted or read are printed first.
+    """
     try:
         return await command_for(ctx.args)(ctx)
     except asyncio.CancelledError:
+        ctx.print_reports()
         ctx.report_interrupt()
         raise
     except Exception as exc:
+        ctx.print_reports()
         return _failed(ctx, exc)
 
 

@@ -35,6 +35,9 @@ def _number(
 
 
 _positive_float = _number(float, lambda value: value > 0, "must be positive")
+_non_negative_float = _number(float, lambda value: value >= 0, "must be 0 or more")
+_positive_int = _number(int, lambda value: value >= 1, "must be at least 1")
+_non_negative_int = _number(int, lambda value: value >= 0, "must be 0 or more")
 _fraction = _number(float, lambda value: 0.0 <= value <= 1.0, "must be from 0 to 1")
 _port = _number(int, lambda value: 0 <= value <= 65535, "must be from 0 to 65535")
 
@@ -71,20 +74,25 @@ def _add_connection(parser: argparse.ArgumentParser, *, top: bool) -> None:
         type=_positive_float,
         default=1.0 if top else argparse.SUPPRESS,
         metavar="S",
-        help="first wait between task reads, growing to 5 s (default: 1)",
+        help="shortest wait between reads of a task, which grows to 1.5x it; "
+        "a new task is first read at 2.5x it (default: 1)",
     )
     _add_debug(parser, default=False if top else argparse.SUPPRESS)
 
 
+def _add_timeout(parser: argparse.ArgumentParser, what: str) -> None:
+    parser.add_argument(
+        "--timeout",
+        type=_positive_float,
+        default=600.0,
+        metavar="S",
+        help=f"stop {what} after S seconds, downloads included; exit code 4 (default: 600)",
+    )
+
+
 def _add_output(parser: argparse.ArgumentParser, *, wait: bool = True) -> None:
     if wait:
-        parser.add_argument(
-            "--timeout",
-            type=_positive_float,
-            default=600.0,
-            metavar="S",
-            help="stop waiting after S seconds, exit code 4 (default: 600)",
-        )
+        _add_timeout(parser, "waiting")
         parser.add_argument(
             "--out", metavar="DIR", help="download the images into DIR (created if needed)"
         )
@@ -93,9 +101,12 @@ def _add_output(parser: argparse.ArgumentParser, *, wait: bool = True) -> None:
     )
 
 
-def _add_submission(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("prompt", help="what the image should show")
-    parser.add_argument("--model", help="model name, e.g. nano-banana-pro (default: nano-banana)")
+def _add_options(parser: argparse.ArgumentParser) -> None:
+    """The submission options: model, aspect ratio, resolution, count."""
+    parser.add_argument(
+        "--model",
+        help="model name, e.g. nano-banana-pro (default: nano-banana); see 'nanobanana models'",
+    )
     parser.add_argument("--aspect-ratio", choices=_RATIOS, metavar="R", help=", ".join(_RATIOS))
     parser.add_argument(
         "--resolution",
@@ -106,12 +117,44 @@ def _add_submission(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--count", type=int, choices=range(1, 5), metavar="N", help="images to make, 1 to 4"
     )
+
+
+def _add_submission(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("prompt", help="what the image should show; '-' reads it from stdin")
+    _add_options(parser)
     parser.add_argument(
         "--no-wait",
         action="store_true",
-        help="print the task id and exit at once; wait later with 'tasks wait'",
+        help="print the task id (on stdout) and exit at once; wait later with 'tasks wait'",
     )
     _add_output(parser)
+
+
+_BATCH_DESCRIPTION = """\
+Make the images for every prompt of a file, with at most --max-in-flight tasks
+pending at once, and save them into DIR as <line>-<index>.<ext>.
+
+The batch is durable: a journal in DIR/.nanobanana/ records each submission before
+it is sent and its task id as soon as the service answers, so running the same
+command again resumes: finished jobs are skipped, tasks already submitted are waited
+on (never paid for twice), the rest are submitted. A job whose outcome is unknown
+(the process died during its submission) is reported with its prompt and submitted
+again only with --resubmit-unknown. Ctrl-C and SIGTERM stop cleanly (exit 130, 143).
+
+DIR/manifest.jsonl has one JSON line per job: key, action, prompt, options, state
+(succeeded, failed, download_failed, pending, outcome_unknown), task_id, trace_id,
+task_ids, attempts, image_urls, files, error.
+
+A .jsonl PROMPTS file has one job per line:
+  {"prompt": "...", "key": "cat-1", "image_urls": ["https://..."], "model": "...",
+   "aspect_ratio": "16:9", "resolution": "2K", "count": 2}
+(only "prompt" is required; with "image_urls" the job is an edit; the options given
+on the command line are the defaults).
+
+Exit codes: 0 every job succeeded; 1 some failed, or have an unknown outcome;
+2 usage error (including a prompts file changed since the batch started);
+3 an API error stopped the batch, or images could not be saved; 130/143 stopped.
+"""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -187,6 +230,91 @@ def build_parser() -> argparse.ArgumentParser:
     )
     wait.add_argument("ids", nargs="+", metavar="ID", help="task ids; '-' reads them from stdin")
     _add_output(wait)
+    wait.add_argument(
+        "--not-found-grace",
+        type=_non_negative_float,
+        default=30.0,
+        metavar="S",
+        help="how long an id the service does not list yet is waited for before it counts "
+        "as unknown (default: 30)",
+    )
+    download = task_commands.add_parser(
+        "download",
+        parents=[api],
+        help="save the images of finished tasks",
+        description="Read the tasks once and save the images of those that succeeded into "
+        "DIR. Pending tasks are not waited for (exit code 4; 'tasks wait --out' waits).",
+        epilog=_EPILOG,
+        formatter_class=formatter,
+    )
+    download.add_argument(
+        "ids", nargs="+", metavar="ID", help="task ids; '-' reads them from stdin"
+    )
+    download.add_argument(
+        "--out", required=True, metavar="DIR", help="where to save the images (created if needed)"
+    )
+    _add_timeout(download, "saving")
+    download.add_argument(
+        "--json", action="store_true", help="print one JSON document on stdout (see --help)"
+    )
+
+    batch = commands.add_parser(
+        "batch",
+        parents=[api],
+        help="make images for a whole file of prompts, resumably",
+        description=_BATCH_DESCRIPTION,
+        formatter_class=formatter,
+    )
+    batch.add_argument(
+        "prompts",
+        metavar="PROMPTS",
+        help="a file with one prompt per line ('#' starts a comment), a .jsonl file of jobs, "
+        "or '-' for stdin",
+    )
+    batch.add_argument(
+        "--out",
+        required=True,
+        metavar="DIR",
+        help="the batch's folder: images, manifest.jsonl and the journal (.nanobanana/)",
+    )
+    batch.add_argument(
+        "--max-in-flight",
+        type=_positive_int,
+        default=8,
+        metavar="N",
+        help="tasks pending at once (default: 8)",
+    )
+    batch.add_argument(
+        "--retries",
+        type=_non_negative_int,
+        default=0,
+        metavar="N",
+        help="submit a job again up to N times when its task fails; each is paid "
+        "(refused prompts are never retried; default: 0)",
+    )
+    batch.add_argument(
+        "--resubmit-unknown",
+        action="store_true",
+        help="submit again the jobs whose outcome is unknown (a task may exist for them: "
+        "each may be paid twice)",
+    )
+    batch.add_argument(
+        "--no-download",
+        action="store_true",
+        help="do not save the images (the manifest lists their URLs)",
+    )
+    _add_options(batch)
+    batch.add_argument(
+        "--json", action="store_true", help="print the summary and every job as one JSON document"
+    )
+
+    models = commands.add_parser(
+        "models",
+        help="list the known models and the resolutions each honours",
+        description="The models known to this version, with the resolutions each honours. "
+        "Other model names are passed to the service as they are.",
+    )
+    models.add_argument("--json", action="store_true", help="print one JSON document")
 
     demo = commands.add_parser(
         "demo",
@@ -204,7 +332,9 @@ def build_parser() -> argparse.ArgumentParser:
         "fake-server",
         parents=[debug_only],
         help="run the fake Nano Banana server for offline development",
-        description="Run the fake server in the foreground until Ctrl-C (then exit 0). "
+        description="Run the fake server in the foreground until Ctrl-C or SIGTERM (then "
+        "exit 0, after printing the requests it served by action as one line: "
+        "'Requests served: {\"generate\": 3, ...}'). "
         "Prompts containing [fail], [fail:top] or [fail:empty] fail on purpose.",
     )
     fake.add_argument(
