@@ -53,7 +53,7 @@ from ._errors import (
     TaskTimeoutError,
 )
 from ._models import Task, TaskState
-from ._protocol import read_item
+from ._protocol import read_item, unchanged
 from ._retry import POLL_FATAL, RetryPolicy
 
 __all__ = ["FetchBatch", "OnUpdate", "Poller", "Target", "call_on_update"]
@@ -84,7 +84,7 @@ _WINDOW = 0.25  # x poll_interval: entries due this soon go out with the round
 _LEARNED = 0.8  # x the shortest recent duration: no poll of a younger task
 _DURATIONS = 32  # recent successful durations kept to learn from
 _MAX_FAILURE_WAIT = 30.0  # cap on the loop's own backoff after failed requests
-_MAX_IN_FLIGHT = 16  # requests running at once
+_MAX_IN_FLIGHT = 32  # requests running at once
 _GARBLED = 3  # unreadable answers in a row, for one id alone, that fail its waiters
 _RECENT_LIMIT = 1024  # callbacks remembered for waits not started yet
 _SLACK = 0.001  # seconds: due this soon is due now
@@ -710,10 +710,12 @@ class Poller:
                 spare -= 1
             batches.extend(taken[i : i + size] for i in range(0, len(taken), size))
         for batch in batches:
+            ids = []
             for entry in batch:
                 entry.polling = True
+                ids.append(entry.task_id)
             budget.spend(now)
-            request = loop.create_task(self._request(batch))
+            request = loop.create_task(self._request(batch, ids))
             self._requests.add(request)
             request.add_done_callback(self._request_done)
 
@@ -738,10 +740,10 @@ class Poller:
 
     # --- one request ----------------------------------------------------------------
 
-    async def _request(self, batch: list[_Entry]) -> None:
+    async def _request(self, batch: list[_Entry], ids: list[str]) -> None:
         """One attempt for one batch; whatever happens, only its entries are affected."""
         try:
-            records = await self._fetch([entry.task_id for entry in batch])
+            records = await self._fetch(ids)
         except asyncio.CancelledError:
             raise
         except POLL_FATAL as exc:
@@ -764,12 +766,20 @@ class Poller:
             return
         self._failures = 0
         now = asyncio.get_running_loop().time()
+        get = records.get
         for entry in batch:
             entry.polling = False
-            if not self._live_entry(entry):
+            if not entry.watched:
                 continue  # its waiters left, or a callback finished it, meanwhile
+            raw, last = get(entry.task_id), entry.last
+            if raw is not None and last is not None and unchanged(raw, last):
+                # The common case, kept lean: a pending record that did not move.
+                if entry.missing_since is not None or entry.garbled:
+                    entry.missing_since, entry.garbled = None, 0
+                self._schedule(entry, now)
+                continue
             try:
-                self._take(entry, records.get(entry.task_id), now)
+                self._take(entry, raw, now)
             except Exception as exc:  # a bug on one record fails its task only
                 logger.exception("reading the record of task %r failed", entry.task_id)
                 self._fail(entry, exc)

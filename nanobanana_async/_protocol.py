@@ -55,6 +55,7 @@ __all__ = [
     "read_item",
     "task_from_callback",
     "trace_id_of",
+    "unchanged",
 ]
 
 IMAGES_PATH: Final = "/nano-banana/images"
@@ -497,7 +498,7 @@ def read_item(raw: dict[str, Any], previous: Task | None, task_id: str, status: 
     out ``request`` (the submission's own body, echoed; the finished record has it).
     Raises ResponseDecodeError for a malformed record.
     """
-    if previous is not None and _unchanged(raw, previous):
+    if previous is not None and unchanged(raw, previous):
         return previous
     raw["id"] = task_id  # equal (the batch was keyed by it); the waiter's own string object
     response = raw.get("response")
@@ -520,7 +521,12 @@ def read_item(raw: dict[str, Any], previous: Task | None, task_id: str, status: 
     return task
 
 
-def _unchanged(raw: dict[str, Any], task: Task) -> bool:
+# What appears in a record as a task makes progress, and in its response as it ends.
+_PROGRESS: Final = frozenset({"started_at", "finished_at", "elapsed", "error"})
+_RESULT: Final = frozenset({"data", "error"})
+
+
+def unchanged(raw: dict[str, Any], task: Task) -> bool:
     """Whether ``raw`` is still the pending record ``task``: nothing that moves while a
     task runs has moved. Conservative: any doubt answers False, and it is structured.
 
@@ -530,22 +536,16 @@ def _unchanged(raw: dict[str, Any], task: Task) -> bool:
     and does not change, so it is not compared: this runs for every record of every
     poll, and each object it reads is a cache miss when thousands are watched.
     """
-    get = raw.get
-    if (
-        get("finished_at") is not None
-        or get("started_at") is not None
-        or get("elapsed") is not None
-        or get("error") is not None
-        or task.finished_at is not None
+    if not _PROGRESS.isdisjoint(raw) or (
+        task.finished_at is not None
         or task.started_at is not None
         or task.elapsed is not None
         or task.error is not None
     ):
-        return False
-    response, kept = get("response"), task.response
+        return False  # (a progress key present even as null is taken as a change)
+    response, kept = raw.get("response"), task.response
     if response is None or kept is None:
         return response is None and kept is None
     if type(response) is not dict or kept.data or kept.error is not None:
         return False
-    get = response.get
-    return not get("data") and get("error") is None and get("success") is kept.success
+    return _RESULT.isdisjoint(response) and response.get("success") is kept.success

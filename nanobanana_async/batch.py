@@ -785,7 +785,8 @@ def _stops_the_batch(exc: NanoBananaError) -> bool:
 
 def _prepare_out(folder: Path, saved: Mapping[str, Sequence[Path]]) -> set[str]:
     """Make the image folder, remove ``.part`` files a killed run left behind, and
-    return the keys of succeeded jobs whose saved images are no longer all there.
+    return the keys of succeeded jobs whose saved images are not all there: gone since,
+    or never saved (a run killed between the task's outcome and its download).
 
     Removing is safe: the journal's lock says no other batch writes here, and
     downloads keep a file under a hidden ``.*.part`` name only until it is complete.
@@ -794,7 +795,10 @@ def _prepare_out(folder: Path, saved: Mapping[str, Sequence[Path]]) -> set[str]:
     for leftover in folder.glob(".*.part"):
         with contextlib.suppress(OSError):
             leftover.unlink()
-    return {key for key, paths in saved.items() if not all(path.is_file() for path in paths)}
+    # A succeeded task has at least one image, so no file at all means none was saved.
+    return {
+        key for key, paths in saved.items() if not paths or not all(p.is_file() for p in paths)
+    }
 
 
 def _append_line(path: Path, line: str) -> None:

@@ -293,6 +293,31 @@ async def test_an_intent_without_task_id_is_an_unknown_outcome(
     assert manifest(tmp_path)[0]["state"] == "outcome_unknown"
 
 
+async def test_a_run_killed_between_the_outcome_and_the_download_saves_on_rerun(
+    server: FakeNanoBanana, tmp_path: Path
+) -> None:
+    """Found by the SIGKILL scenario: the journal said succeeded with no files yet, and
+    the rerun took the job as done, so its manifest line listed no files."""
+    jobs = jobs_of("a lighthouse")
+    task_id = server.add_task()
+    urls = server.tasks[task_id].image_urls
+    journal = Journal(tmp_path / ".nanobanana" / "journal.sqlite3")
+    await journal.open()
+    await journal.intend("1", spec_text(jobs[0]), "first", 1)
+    await journal.submitted("1", 1, task_id, None)
+    await journal.finished(
+        "1", succeeded=True, trace_id=None, image_urls=urls, error=None, retryable=False
+    )
+    await journal.aclose()  # the kill: no ``saved`` row
+    async with fast_client(server) as client, runner(client, jobs, tmp_path) as batch:
+        (result,) = await collect(batch)
+    assert result.state is JobState.SUCCEEDED
+    assert [file.name for file in result.files] == ["1-0.png"]
+    assert (tmp_path / "1-0.png").read_bytes().startswith(PNG_MAGIC)
+    assert manifest(tmp_path)[0]["files"] == ["1-0.png"]
+    assert server.counts["generate"] == 0
+
+
 async def test_an_error_no_job_can_pass_stops_the_batch_cleanly(
     server: FakeNanoBanana, tmp_path: Path
 ) -> None:

@@ -14,11 +14,11 @@ from nanobanana_async import NanoBananaError, Submission, Task, TaskBatch, TaskS
 from nanobanana_async._converter import DecodeFailure, make_converter, structure
 from nanobanana_async._protocol import (
     RawResponse,
-    _unchanged,
     batch_items,
     error_for,
     parse_task,
     read_item,
+    unchanged,
 )
 
 STRICT = make_converter(forbid_extra_keys=True)
@@ -207,7 +207,7 @@ def test_the_unchanged_shortcut_agrees_with_structuring(before: Any, after: Any)
         kept = structure(before, Task)
     except DecodeFailure:
         return
-    if not isinstance(after, dict) or not _unchanged(after, kept):
+    if not isinstance(after, dict) or not unchanged(after, kept):
         return
     try:
         again = structure({**after, "id": kept.id}, Task)

@@ -1,19 +1,23 @@
 """The poll loop alone: a scripted fetch (no HTTP) on a controllable clock.
 
-Every test here runs on ``looptime``'s fake event-loop time: sleeps and timers take no
-real time, and the loop's clock reads exactly what the schedule says, so poll times are
-asserted to the millisecond. The loopback tests (``test_waiting.py``) cover the whole
-path over real HTTP.
+Every test here runs on an event loop of ``looptime``'s, whose clock is fake: sleeps and
+timers take no real time, and the clock reads exactly what the schedule says, so poll
+times are asserted to the millisecond. (The tests run their loop themselves, through
+``on_fake_time``, rather than through looptime's pytest plugin, which is switched off in
+``pyproject.toml``: on Python 3.11 it makes an event loop around sync tests and leaves
+it unclosed.) The loopback tests (``test_waiting.py``) cover the whole path over HTTP.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import itertools
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
 
+import looptime
 import pytest
 
 from nanobanana_async import (
@@ -31,7 +35,20 @@ from nanobanana_async import (
 )
 from nanobanana_async._poller import Poller, Target
 
-pytestmark = pytest.mark.looptime
+
+def on_fake_time(test: Callable[..., Coroutine[Any, Any, None]]) -> Callable[..., None]:
+    """Run an async test on a fresh event loop whose fake clock starts at 0."""
+
+    @functools.wraps(test)
+    def run(*args: Any, **kwargs: Any) -> None:
+        loop = looptime.new_event_loop(start=0.0)  # the fake clock is on from the start
+        try:
+            loop.run_until_complete(asyncio.wait_for(test(*args, **kwargs), timeout=3600))
+        finally:
+            loop.run_until_complete(loop.shutdown_asyncgens())
+            loop.close()
+
+    return run
 
 
 def now() -> float:
@@ -107,13 +124,14 @@ async def wait(poller: Poller, target: Target | str, timeout: float | None = 600
 
 
 @pytest.fixture
-async def service() -> Service:
+def service() -> Service:
     return Service()
 
 
 # --- the schedule ------------------------------------------------------------------------
 
 
+@on_fake_time
 async def test_a_fresh_task_is_read_by_its_age(service: Service) -> None:
     poller = make_poller(service)
     service.add("a", finish=7.0)
@@ -124,6 +142,7 @@ async def test_a_fresh_task_is_read_by_its_age(service: Service) -> None:
     assert now() == 7.0
 
 
+@on_fake_time
 async def test_the_interval_grows_with_age_up_to_its_cap(service: Service) -> None:
     poller = make_poller(service, max_poll_interval=4.0)
     service.add("a", finish=12.0)
@@ -132,6 +151,7 @@ async def test_the_interval_grows_with_age_up_to_its_cap(service: Service) -> No
     assert service.polls_of("a") == [2.5, 4.375, 7.656, 11.656, 15.656]
 
 
+@on_fake_time
 async def test_a_bare_id_is_read_at_once_then_by_its_age(service: Service) -> None:
     poller = make_poller(service)
     service.add("a", finish=4.0)
@@ -140,6 +160,7 @@ async def test_a_bare_id_is_read_at_once_then_by_its_age(service: Service) -> No
     assert service.polls_of("a") == [0.0, 1.0, 2.0, 3.5, 5.0]
 
 
+@on_fake_time
 async def test_the_record_created_at_dates_an_old_task(service: Service) -> None:
     poller = make_poller(service)
     service.add("a", finish=3.0)
@@ -148,6 +169,7 @@ async def test_the_record_created_at_dates_an_old_task(service: Service) -> None
     assert service.polls_of("a") == [0.0, 1.5, 3.0]
 
 
+@on_fake_time
 async def test_tasks_due_together_share_requests(service: Service) -> None:
     poller = make_poller(service)
     ids = [service.add(f"t{i}", finish=3.0) for i in range(120)]
@@ -163,6 +185,7 @@ async def test_tasks_due_together_share_requests(service: Service) -> None:
     assert sorted({round(at, 3) for at, _ in service.calls}) == [2.5, 4.0]
 
 
+@on_fake_time
 async def test_a_request_is_topped_up_with_the_eager_tasks_due_next(service: Service) -> None:
     poller = make_poller(service, batch_size=10)
     due_now = [service.add(f"now{i}") for i in range(3)]
@@ -180,6 +203,7 @@ async def test_a_request_is_topped_up_with_the_eager_tasks_due_next(service: Ser
     await asyncio.gather(*waits, return_exceptions=True)
 
 
+@on_fake_time
 async def test_learned_durations_skip_polls_no_young_task_could_answer(service: Service) -> None:
     poller = make_poller(service)
     service.add("teacher", finish=10.0)
@@ -195,6 +219,7 @@ async def test_learned_durations_skip_polls_no_young_task_could_answer(service: 
 # --- the request budget ----------------------------------------------------------------
 
 
+@on_fake_time
 async def test_the_budget_bounds_requests_in_any_second_and_polls_fairly(
     service: Service,
 ) -> None:
@@ -213,6 +238,7 @@ async def test_the_budget_bounds_requests_in_any_second_and_polls_fairly(
 # --- faults stay with their own tasks ------------------------------------------------------
 
 
+@on_fake_time
 async def test_a_refused_id_fails_only_its_own_waiter(service: Service) -> None:
     poller = make_poller(service, batch_size=16)
     ids = [service.add(f"t{i}", finish=5.0) for i in range(16)]
@@ -232,6 +258,7 @@ async def test_a_refused_id_fails_only_its_own_waiter(service: Service) -> None:
     assert len(service.calls) <= 1 + 2 * 4 + 16
 
 
+@on_fake_time
 async def test_an_unreadable_answer_is_retried_before_it_fails_its_id(service: Service) -> None:
     poller = make_poller(service, batch_size=4)
     ids = [service.add(f"t{i}", finish=3.0) for i in range(4)]
@@ -251,6 +278,7 @@ async def test_an_unreadable_answer_is_retried_before_it_fails_its_id(service: S
     assert len([at for at, batch in service.calls if batch == ["t2"]]) == 3
 
 
+@on_fake_time
 async def test_a_hung_request_holds_only_its_own_tasks(service: Service) -> None:
     poller = make_poller(service, batch_size=1)
     service.add("hung", finish=0.5)
@@ -270,6 +298,7 @@ async def test_a_hung_request_holds_only_its_own_tasks(service: Service) -> None
     assert now() == pytest.approx(20.0)
 
 
+@on_fake_time
 async def test_a_429_with_retry_after_zero_pauses_by_the_loop_backoff(service: Service) -> None:
     poller = make_poller(service)
     service.add("a", finish=4.0)
@@ -287,6 +316,7 @@ async def test_a_429_with_retry_after_zero_pauses_by_the_loop_backoff(service: S
     assert all(gap >= 1.0 for gap in gaps)  # never under the loop's backoff floor
 
 
+@on_fake_time
 async def test_a_5xx_puts_back_only_its_request_with_backoff(service: Service) -> None:
     poller = make_poller(service, batch_size=1)
     service.add("flaky", finish=1.0)
@@ -306,6 +336,7 @@ async def test_a_5xx_puts_back_only_its_request_with_backoff(service: Service) -
     assert service.polls_of("fine") == [0.0, 1.0]
 
 
+@on_fake_time
 async def test_a_fatal_error_fails_every_waiter_at_once(service: Service) -> None:
     poller = make_poller(service, batch_size=2)
     ids = [service.add(f"t{i}") for i in range(6)]
@@ -322,6 +353,7 @@ async def test_a_fatal_error_fails_every_waiter_at_once(service: Service) -> Non
 # --- waiters -----------------------------------------------------------------------------
 
 
+@on_fake_time
 async def test_a_finished_record_in_hand_settles_every_wait_on_it(service: Service) -> None:
     poller = make_poller(service, lazy_poll_interval=15.0)
     service.add("a")
@@ -335,6 +367,7 @@ async def test_a_finished_record_in_hand_settles_every_wait_on_it(service: Servi
     assert service.calls == []
 
 
+@on_fake_time
 async def test_deadlines_share_one_timer_and_say_the_last_record(service: Service) -> None:
     poller = make_poller(service)
     service.add("slow")
@@ -346,6 +379,7 @@ async def test_deadlines_share_one_timer_and_say_the_last_record(service: Servic
     assert now() == 7.0
 
 
+@on_fake_time
 async def test_failed_raises_through_then(service: Service) -> None:
     poller = make_poller(service)
     service.add("a", finish=2.0)
@@ -360,6 +394,7 @@ async def test_failed_raises_through_then(service: Service) -> None:
     ]
 
 
+@on_fake_time
 async def test_cancelled_waits_stop_the_loop_and_its_requests(service: Service) -> None:
     poller = make_poller(service)
     service.add("a")
@@ -379,6 +414,7 @@ async def test_cancelled_waits_stop_the_loop_and_its_requests(service: Service) 
     assert not poller.watching("a")
 
 
+@on_fake_time
 async def test_aclose_fails_the_waits_with_client_closed(service: Service) -> None:
     poller = make_poller(service)
     service.add("a")
