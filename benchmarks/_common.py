@@ -185,6 +185,12 @@ class RemoteFake:
         """Clear the server's request counters."""
         await self.call("reset")
 
+    async def inject(self, kind: str, **options: Any) -> None:
+        """Queue an API fault (``FakeNanoBanana.inject``) in the child."""
+        answer = await self.call("inject", kind=kind, options=options)
+        if "error" in answer:
+            raise RuntimeError(answer["error"])
+
     async def inject_image(self, kind: str, **options: Any) -> None:
         """Queue an image-listener fault (``FakeNanoBanana.inject_image``) in the child."""
         answer = await self.call("inject_image", kind=kind, options=options)
@@ -240,9 +246,10 @@ async def _serve(options: dict[str, Any]) -> None:
             elif op == "reset":
                 server.reset_counts()
                 answer({})
-            elif op == "inject_image":
+            elif op in ("inject", "inject_image"):
+                inject = server.inject if op == "inject" else server.inject_image
                 try:
-                    server.inject_image(command["kind"], **command["options"])
+                    inject(command["kind"], **command["options"])
                 except (TypeError, ValueError) as exc:
                     answer({"error": str(exc)})
                 else:
