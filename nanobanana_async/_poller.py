@@ -138,8 +138,13 @@ class _Entry:
         self.listeners: asyncio.Future[None] | list[asyncio.Future[None]] | None = None
         self.on_settle: list[Callable[[_Entry], None]] | None = None
 
-    def __lt__(self, other: _Entry) -> bool:
-        return False  # only reached by two stale heap items of one entry: equals
+    # Heap items are (due, task id, entry or group): these are reached only when two
+    # items tie on both, which makes them equals.
+    def __lt__(self, other: object) -> bool:
+        return False
+
+    def __gt__(self, other: object) -> bool:
+        return False
 
     def next_change(self, loop: asyncio.AbstractEventLoop) -> asyncio.Future[None]:
         """A future of the caller's own, resolved at the next change or the outcome."""
@@ -281,6 +286,86 @@ class _Budget:
         self._sent.append(now)
 
 
+_Item = tuple[float, str, "_Entry | list[_Entry]"]
+
+
+class _Schedule:
+    """Entries by due time, soonest first: a heap whose items stand for one entry, or for
+    a group of entries put back together at one due time (a whole request read at the
+    capped interval: one heap item instead of fifty). An item whose entry was forgotten
+    or rescheduled since is stale, and dropped when met."""
+
+    __slots__ = ("_heap",)
+
+    def __init__(self) -> None:
+        self._heap: list[_Item] = []
+
+    def __len__(self) -> int:
+        return len(self._heap)
+
+    def push(self, entry: _Entry, due: float) -> None:
+        entry.due = due
+        entry.scheduled = True
+        heapq.heappush(self._heap, (due, entry.task_id, entry))
+
+    def push_group(self, entries: list[_Entry], due: float) -> None:
+        for entry in entries:
+            entry.due = due
+            entry.scheduled = True
+        heapq.heappush(self._heap, (due, entries[0].task_id, entries))
+
+    def soonest(self) -> float:
+        """The due time of the soonest live entry (inf when there is none)."""
+        heap = self._heap
+        while heap:
+            due, _, held = heap[0]
+            if isinstance(held, list):
+                if any(entry.scheduled and entry.due == due for entry in held):
+                    return due
+            elif held.scheduled and held.due == due:
+                return due
+            heapq.heappop(heap)
+        return math.inf
+
+    def take(self, limit: float, room: int, into: list[_Entry]) -> None:
+        """Move live entries due by ``limit`` into ``into``, soonest first, until it holds
+        ``room``; what is left of a group goes back as a group."""
+        heap, pop = self._heap, heapq.heappop
+        while heap and len(into) < room:
+            due, _, held = heap[0]
+            if due > limit:
+                return
+            pop(heap)
+            if not isinstance(held, list):
+                if held.scheduled and held.due == due:
+                    held.scheduled = False
+                    into.append(held)
+                continue
+            for index, entry in enumerate(held):
+                if entry.scheduled and entry.due == due:
+                    if len(into) == room:
+                        heapq.heappush(heap, (due, entry.task_id, held[index:]))
+                        return
+                    entry.scheduled = False
+                    into.append(entry)
+
+    def compact(self) -> None:
+        """Drop every stale item (entries forgotten since): a rebuild in one pass."""
+        kept: list[_Item] = []
+        for due, tie, held in self._heap:
+            if isinstance(held, list):
+                live = [entry for entry in held if entry.scheduled and entry.due == due]
+                if live:
+                    kept.append((due, live[0].task_id, live))
+            elif held.scheduled and held.due == due:
+                kept.append((due, tie, held))
+        heapq.heapify(kept)
+        self._heap = kept
+
+    def clear(self) -> None:
+        self._heap.clear()
+
+
 class Poller:
     """The shared poll loop of one client, bound to the event loop it first ran in."""
 
@@ -307,10 +392,9 @@ class Poller:
         self._first_poll = poll_interval * _FIRST_POLL
         self._budget = _Budget(max_requests_per_second)
         self._entries: dict[str, _Entry] = {}
-        # Heap items (due, task id, entry): ties on due (common: a batch is rescheduled
-        # at once) are broken by comparing ids in C, not by a call into Python.
-        self._eager: list[tuple[float, str, _Entry]] = []
-        self._lazy: list[tuple[float, str, _Entry]] = []
+        # Eager and lazy entries apart: a request is topped up with eager ones only.
+        self._eager = _Schedule()
+        self._lazy = _Schedule()
         self._splits: deque[list[_Entry]] = deque()  # refused batches, in halves
         self._alarms = _Alarms()
         self._task: asyncio.Task[None] | None = None
@@ -525,10 +609,8 @@ class Poller:
         # Rebuild the heaps once stale items outnumber live ones, so forgotten entries
         # (timed out, cancelled, finished by a callback) do not pile up in them.
         if len(self._eager) + len(self._lazy) > 2 * len(self._entries) + 64:
-            self._eager = [item for item in self._eager if _live(item)]
-            self._lazy = [item for item in self._lazy if _live(item)]
-            heapq.heapify(self._eager)
-            heapq.heapify(self._lazy)
+            self._eager.compact()
+            self._lazy.compact()
 
     def _finish(self, entry: _Entry, task: Task) -> None:
         if entry.watched:
@@ -569,37 +651,36 @@ class Poller:
             self._shortest = min(self._durations)
 
     def _schedule(self, entry: _Entry, now: float, delay: float | None = None) -> None:
-        """Put the entry back in its heap: after ``delay``, else by its age.
+        """Put the entry back in its heap: after ``delay``, else by its age."""
+        self._push(entry, now + delay if delay is not None else self._due(entry, now))
+
+    def _due(self, entry: _Entry, now: float) -> float:
+        """When to read the entry next, by its age (lazily if a callback will announce it).
 
         Runs for every entry of every poll: plain comparisons, no min/max calls.
         """
-        if delay is not None:
-            due = now + delay
-        elif entry.lazy:
-            due = now + self._lazy_poll_interval
-        else:
-            interval = _AGE_FACTOR * (now - entry.born)
-            if interval < self._poll_interval:
-                interval = self._poll_interval
-            elif interval > self._max_poll_interval:
-                interval = self._max_poll_interval
-            due = now + interval
-            if entry.aged:
-                # A fresh task's first read waits until it could be done; so does any
-                # read of a task younger than the shortest duration seen lately.
-                earliest = entry.born + self._first_poll
-                if self._shortest is not None:
-                    learned = entry.born + _LEARNED * self._shortest
-                    if learned > earliest:
-                        earliest = learned
-                if earliest > due:
-                    due = earliest
-        self._push(entry, due)
+        if entry.lazy:
+            return now + self._lazy_poll_interval
+        interval = _AGE_FACTOR * (now - entry.born)
+        if interval < self._poll_interval:
+            interval = self._poll_interval
+        elif interval > self._max_poll_interval:
+            interval = self._max_poll_interval
+        due = now + interval
+        if entry.aged:
+            # A fresh task's first read waits until it could be done; so does any read
+            # of a task younger than the shortest duration seen lately.
+            earliest = entry.born + self._first_poll
+            if self._shortest is not None:
+                learned = entry.born + _LEARNED * self._shortest
+                if learned > earliest:
+                    earliest = learned
+            if earliest > due:
+                due = earliest
+        return due
 
     def _push(self, entry: _Entry, due: float) -> None:
-        entry.due = due
-        entry.scheduled = True
-        heapq.heappush(self._lazy if entry.lazy else self._eager, (due, entry.task_id, entry))
+        (self._lazy if entry.lazy else self._eager).push(entry, due)
         if due < self._sleeping_until:  # only while the loop sleeps past it
             self._wake()
 
@@ -608,49 +689,24 @@ class Poller:
         if self._wakeup is not None:
             self._wakeup.set()
 
-    def _peek(self, heap: list[tuple[float, str, _Entry]]) -> _Entry | None:
-        while heap:
-            if _live(heap[0]):
-                return heap[0][2]
-            heapq.heappop(heap)  # stale: forgotten or rescheduled since
-        return None
-
-    def _pop_due(self, limit: float) -> _Entry | None:
-        """The soonest entry of either heap if due by ``limit``, taken off its heap."""
-        eager, lazy = self._peek(self._eager), self._peek(self._lazy)
-        if eager is None or (lazy is not None and lazy.due < eager.due):
-            eager, heap = lazy, self._lazy
-        else:
-            heap = self._eager
-        if eager is None or eager.due > limit:
-            return None
-        heapq.heappop(heap)
-        eager.scheduled = False
-        return eager
-
     def _take_due(self, limit: float, room: int) -> list[_Entry]:
-        """Up to ``room`` entries due by ``limit``, oldest-due first, off the heaps."""
+        """Up to ``room`` entries due by ``limit``, oldest-due first, off both heaps."""
         taken: list[_Entry] = []
         eager, lazy = self._eager, self._lazy
-        if self._peek(lazy) is None:
-            # No lazy entry waits (the common case): a tight loop on the eager heap.
-            pop = heapq.heappop
-            while eager and len(taken) < room:
-                due, _, entry = eager[0]
-                if due > limit:
+        while len(taken) < room:
+            first, other = eager.soonest(), lazy.soonest()
+            if first <= other:
+                if first > limit:
                     break
-                pop(eager)
-                if entry.scheduled and entry.due == due:  # else stale: skipped
-                    entry.scheduled = False
-                    taken.append(entry)
-            return taken
-        while len(taken) < room and (due_entry := self._pop_due(limit)) is not None:
-            taken.append(due_entry)
+                eager.take(min(limit, other), room, taken)  # all due before lazy's first
+            else:
+                if other > limit:
+                    break
+                lazy.take(min(limit, first), room, taken)
         return taken
 
     def _soonest(self) -> float:
-        due = [entry.due for entry in (self._peek(self._eager), self._peek(self._lazy)) if entry]
-        return min(due, default=float("inf"))
+        return min(self._eager.soonest(), self._lazy.soonest())
 
     # --- the loop -------------------------------------------------------------------
 
@@ -703,11 +759,8 @@ class Poller:
             # A request costs the same for 1 id or 50: fill the last with eager entries
             # due next (never lazy ones: a callback will announce those).
             spare = -len(taken) % size
-            while spare and (entry := self._peek(self._eager)) is not None:
-                heapq.heappop(self._eager)
-                entry.scheduled = False
-                taken.append(entry)
-                spare -= 1
+            if spare:
+                self._eager.take(math.inf, len(taken) + spare, taken)
             batches.extend(taken[i : i + size] for i in range(0, len(taken), size))
         for batch in batches:
             ids = []
@@ -767,6 +820,8 @@ class Poller:
         self._failures = 0
         now = asyncio.get_running_loop().time()
         get = records.get
+        capped = now + self._max_poll_interval
+        group: list[_Entry] = []  # put back together: one heap item for all of them
         for entry in batch:
             entry.polling = False
             if not entry.watched:
@@ -776,25 +831,39 @@ class Poller:
                 # The common case, kept lean: a pending record that did not move.
                 if entry.missing_since is not None or entry.garbled:
                     entry.missing_since, entry.garbled = None, 0
-                self._schedule(entry, now)
-                continue
-            try:
-                self._take(entry, raw, now)
-            except Exception as exc:  # a bug on one record fails its task only
-                logger.exception("reading the record of task %r failed", entry.task_id)
-                self._fail(entry, exc)
+                due: float | None = self._due(entry, now)
+            else:
+                try:
+                    due = self._take(entry, raw, now)
+                except Exception as exc:  # a bug on one record fails its task only
+                    logger.exception("reading the record of task %r failed", entry.task_id)
+                    self._fail(entry, exc)
+                    continue
+            if due is None or not entry.watched:
+                continue  # settled (an on_update hook may even have ended the wait)
+            if due == capped and not entry.lazy:
+                group.append(entry)
+            else:
+                self._push(entry, due)
+        if group:
+            self._eager.push_group(group, capped)
+            if capped < self._sleeping_until:
+                self._wake()
 
-    def _take(self, entry: _Entry, raw: Any, now: float) -> None:
-        """What one answer says of one entry: a change, the outcome, or nothing yet."""
+    def _take(self, entry: _Entry, raw: Any, now: float) -> float | None:
+        """What one answer says of one entry: a change, the outcome, or nothing yet.
+
+        Returns when to read the entry next (the caller puts it back), or None when it
+        was settled.
+        """
         if raw is None:
             # The service may not list a just-submitted id yet: give it some grace.
             if entry.missing_since is None:
                 entry.missing_since = now
             if now - entry.missing_since >= self._not_found_grace:
                 self._fail(entry, TaskNotFoundError(entry.task_id))
-            else:
-                self._schedule(entry, now)
-            return
+                return None
+            return self._due(entry, now)
         entry.missing_since = None
         entry.garbled = 0
         last = entry.last
@@ -802,17 +871,15 @@ class Poller:
             task = read_item(raw, last, entry.task_id)
         except ResponseDecodeError as exc:
             self._fail(entry, exc)
-            return
-        if task is last:  # the common case: a pending record that did not move
-            self._schedule(entry, now)
-            return
-        if task.done:
-            self._finish(entry, task)
-            return
-        if not entry.aged:
-            self._age(entry, task, now)
-        entry.update(task)
-        self._schedule(entry, now)
+            return None
+        if task is not last:
+            if task.done:
+                self._finish(entry, task)
+                return None
+            if not entry.aged:
+                self._age(entry, task, now)
+            entry.update(task)
+        return self._due(entry, now)
 
     def _refused(self, batch: list[_Entry], exc: NanoBananaError) -> None:
         """A 400/413 or an unreadable answer: find the id the service refuses by halves.
@@ -863,12 +930,6 @@ def _remember(memory: OrderedDict[str, T], key: str, value: T) -> None:
     memory.move_to_end(key)
     while len(memory) > _RECENT_LIMIT:
         memory.popitem(last=False)
-
-
-def _live(item: tuple[float, str, _Entry]) -> bool:
-    """Whether a heap item still stands for its entry's schedule."""
-    due, _, entry = item
-    return entry.scheduled and entry.due == due
 
 
 async def call_on_update(
