@@ -2,7 +2,8 @@
 
 The workload is ``bench_polling.py``'s: N tasks (default 200) lasting uniform 2..8 s, same
 seed, all awaited at once with ``client.await_completion`` and default client settings
-(poll 1 s growing to 5 s; a task submitted with a callback is polled every 15 s). The
+(a new task first read at 2.5 s, then every 1 s growing to 1.5 s; a task submitted with
+a callback is polled every 15 s). The
 fake server runs in a child process and POSTs each callback over real HTTP to a
 :class:`~nanobanana_async.webhooks.CallbackReceiver` on an aiohttp server in this one.
 Three sides, one after the other, each on a fresh server and client:

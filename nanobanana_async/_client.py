@@ -453,7 +453,7 @@ class NanoBananaClient:
     ) -> list[Path]:
         """Download every image of a finished task (or every URL given) into ``folder``.
 
-        Each image as :meth:`download` does, at most ``concurrency`` at once.
+        Each image as [`download`][] does, at most ``concurrency`` at once.
         """
         if isinstance(task_or_urls, Task):
             if task_or_urls.state is not TaskState.SUCCEEDED:

@@ -13,12 +13,13 @@
     │   └── ServerError               5xx, including a proxy's HTML error page
     ├── APIConnectionError            the request failed on the network, after retries
     │   └── APITimeoutError           no answer within the per-request timeout (also a TimeoutError)
-    ├── ResponseDecodeError           a 2xx body that is not JSON, not the documented shape,
-    │                                 too large, or the record of another task
+    ├── ResponseDecodeError           a 2xx body that is not JSON or not the documented shape,
+    │                                 the record of another task, or any body too large
     ├── TaskNotFoundError             the service does not know the task id
     ├── TaskFailedError               the task finished without images (``await_completion``)
     ├── TaskTimeoutError              a wait's own deadline passed (also a TimeoutError)
-    ├── DownloadError                 an image could not be saved (``url``, ``status``)
+    ├── DownloadError                 an image could not be saved (``url``, ``status``,
+    │                                 ``incomplete``)
     └── ClientClosedError             the client was closed (before or during the call)
 
 Where each answer is judged

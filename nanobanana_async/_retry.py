@@ -88,7 +88,7 @@ class RetryPolicy:
     ``max_retries`` retries at most (so ``max_retries + 1`` attempts), never past
     ``max_time`` seconds in all. The wait before retry *n* is ``initial_wait * 2**(n-1)``
     capped at ``max_wait``; with ``jitter`` it is drawn from the upper half of that
-    (so it never falls under :meth:`min_wait`). A ``Retry-After`` hint can lengthen a
+    (so it never falls under [`min_wait`][]). A ``Retry-After`` hint can lengthen a
     wait up to ``max_retry_after`` seconds, never shorten it.
     """
 

@@ -1,7 +1,7 @@
 """Durable batches: many jobs, a bounded number in flight, a journal that survives a crash.
 
 Every image is paid for when it is submitted, so a batch must never submit a job twice
-by accident, and must never lose a task id the service gave. :class:`BatchRunner` keeps
+by accident, and must never lose a task id the service gave. [`BatchRunner`][] keeps
 a journal (SQLite, through the standard library, in a thread of its own) where it
 writes, for each job:
 
@@ -31,7 +31,7 @@ Use::
 At most ``max_in_flight`` tasks are pending at once: a new submission goes out as soon
 as one finishes, and every wait shares the client's one poll loop. A task that fails
 is submitted again up to ``retries`` times (each a new paid submission, counted in
-:attr:`BatchSummary.retried`); a prompt the service refuses (``forbidden``) is not.
+``BatchSummary.retried``); a prompt the service refuses (``forbidden``) is not.
 An error that no job can get past (a bad token, no balance, a 429 after the client's
 retries, an unreachable service) stops the batch and is raised from the ``async for``;
 the journal is left consistent, so running again continues.
@@ -39,7 +39,7 @@ the journal is left consistent, so running again continues.
 Images are saved into ``out`` under ``name_template`` (default ``{key}-{index}{ext}``:
 the job key, the image's 0-based index, the extension of the image URL), with the
 umask's permissions. The manifest (JSON lines, one per job, see
-:meth:`BatchResult.to_json`) holds each job's prompt, options, task ids, trace id,
+[`BatchResult.to_json`][]) holds each job's prompt, options, task ids, trace id,
 image URLs, files, state and error. It is rewritten from the journal at the start and
 end of every run and appended to as jobs finish, so it lists each job at most once.
 """
@@ -195,14 +195,14 @@ class _Fatal(Exception):
 
 
 class BatchRunner:
-    """Runs a batch of :class:`BatchJob` durably; see the module docstring.
+    """Runs a batch of [`BatchJob`][] durably; see the module docstring.
 
     Open it with ``async with``, iterate it once for the results as jobs finish (or
-    call :meth:`run`), then read :attr:`summary` and :meth:`results`. Iteration yields
+    call [`run`][]), then read [`summary`][] and [`results`][]. Iteration yields
     each job that reaches an end in this run (succeeded, failed, download failed,
     outcome unknown; pending with an ``error`` when reading its task failed), and, first,
     the jobs the journal holds with an unknown outcome. Jobs finished by an earlier run
-    are not yielded; :meth:`results` has them all.
+    are not yielded; [`results`][] has them all.
 
     ``journal``: the SQLite file (created if needed; one runner at a time may hold it).
     ``out``: the folder for the images, or None to save nothing. ``manifest``: the
@@ -210,8 +210,9 @@ class BatchRunner:
     ``retries``: new submissions allowed per job after a failed task (over all runs).
     ``resubmit_unknown``: submit again jobs whose outcome is unknown (may pay twice).
     ``name_template``: image file names; fields ``{key}``, ``{index}``, ``{ext}``,
-    ``{task_id}``. ``download_timeout``: seconds allowed per image. ``on_submit``: called
-    with each job and its :class:`Submission` as soon as its task id is journaled.
+    ``{task_id}``. ``download_timeout``: seconds allowed per image. ``on_submit``:
+    called with each job and its [`Submission`][nanobanana_async.Submission] as soon as
+    its task id is journaled.
     """
 
     def __init__(
@@ -293,8 +294,8 @@ class BatchRunner:
     async def open(self) -> None:
         """Open and lock the journal, check that no journaled job changed, tidy ``out``.
 
-        Raises :class:`BatchChangedError` (nothing submitted) if jobs changed, and
-        :class:`JournalBusyError` if another runner holds the journal.
+        Raises [`BatchChangedError`][] (nothing submitted) if jobs changed, and
+        [`JournalBusyError`][] if another runner holds the journal.
         """
         if self._opened:
             raise RuntimeError("this BatchRunner was already opened")

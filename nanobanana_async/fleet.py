@@ -3,7 +3,7 @@
 A service run as N replicas behind a load balancer gets each callback on one replica
 chosen by the balancer, while the wait for that task usually lives on another. Without
 help that wait finishes by lazy polling (``callback_poll_interval``, 15 s). A
-:class:`RedisRelay` closes the gap with Redis pub/sub: the replica that receives a
+[`RedisRelay`][] closes the gap with Redis pub/sub: the replica that receives a
 delivery confirms it (one ``retrieve``, or the body as it is with ``verify=False``),
 settles its own waiters and publishes the record; every replica's relay subscribes and
 hands the record to its own client, which settles the waiters it holds and ignores the
@@ -22,7 +22,7 @@ API
     ``RedisRelay(client, redis_url, *, channel="nanobanana-async",
     max_message_size=256 KiB, max_reconnect_wait=10.0, connect_timeout=5.0)``;
     ``async with relay:`` or ``await start()`` / ``await aclose()``; ``await publish(task)
-    -> bool``; ``connected``; ``await wait_connected()``; ``stats`` (:class:`RelayStats`).
+    -> bool``; ``connected``; ``await wait_connected()``; ``stats`` ([`RelayStats`][]).
 
 Trust boundary
     Only the replica that receives a delivery checks it with the service; the others
@@ -117,7 +117,7 @@ def _dump(task: Task, origin: str) -> bytes:
 def decode_record(data: bytes | str, *, max_size: int) -> tuple[str, Task]:
     """The sending relay's id and the task record of one channel message.
 
-    Raises :class:`RelayDecodeError` for anything else: too large, not JSON, another
+    Raises [`RelayDecodeError`][] for anything else: too large, not JSON, another
     format, or a record that does not decode.
     """
     if len(data) > max_size:
@@ -167,7 +167,7 @@ class RedisRelay:
     ``client`` is this replica's client, ``redis_url`` any URL ``redis.asyncio`` accepts
     (``redis://``, ``rediss://``, ``unix://``; it may carry a password and is never
     logged). Pass the relay to this replica's
-    :class:`~nanobanana_async.webhooks.CallbackReceiver`, which then needs an explicit
+    [`CallbackReceiver`][nanobanana_async.webhooks.CallbackReceiver], which then needs an explicit
     ``secret`` shared by every replica. A replica without a receiver can still run a
     relay, to have its waits finished by callbacks other replicas receive.
     """

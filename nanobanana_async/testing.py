@@ -68,8 +68,9 @@ Direct control (no HTTP)
 
 Fault injection (API listener)
     ``inject(kind, *, times=1, action=None, status=None, code=None, retry_after=None,
-    delay=0.0, message=None, body=None)`` queues a fault; queued faults are consumed in FIFO
-    order by the next API requests whose body ``action`` matches (``action=None`` matches any).
+    delay=0.0, message=None, body=None, size=1 << 30, task_id=None)`` queues a fault;
+    queued faults are consumed in FIFO order by the next API requests whose body
+    ``action`` matches (``action=None`` matches any).
     Kinds: ``"error"`` (JSON error, default 500 ``api_error`` "fetch failed"; a ``code`` alone
     picks its usual status and a ``status`` alone its usual code), ``"html"`` (nginx-style HTML
     page, default 502), ``"rate_limit"`` (429 ``too_many_requests`` with ``Retry-After``,

@@ -41,7 +41,7 @@ Operating notes
     configuration) if callbacks must survive a restart or reach another replica. A task
     whose callback reaches a process with no waiter for it is ignored there: the waiter
     elsewhere finishes by polling, unless the replicas share a
-    :class:`~nanobanana_async.fleet.RedisRelay` (``relay=``): then the receiving replica
+    [`RedisRelay`][nanobanana_async.fleet.RedisRelay] (``relay=``): then the receiving replica
     confirms every delivery, waited on here or not, and relays the record to the others
     (see ``nanobanana_async.fleet`` for the trust boundary). With ``verify``, a callback
     that arrives before its wait starts is ignored too (the wait then ends by polling;
