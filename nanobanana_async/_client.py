@@ -81,7 +81,7 @@ class NanoBananaClient:
         base_url: str | None = None,
         session: aiohttp.ClientSession | None = None,
         timeout: float = 30.0,
-        max_retries: int = 3,
+        max_retries: int | None = None,
         batch_size: int = 50,
         poll_interval: float = 1.0,
         max_poll_interval: float = 1.5,
@@ -118,8 +118,9 @@ class NanoBananaClient:
             "max_response_bytes", max_response_bytes, minimum=1024
         )
         if retry is None:
-            retry = RetryPolicy(max_retries=check_count("max_retries", max_retries, minimum=0))
-        elif max_retries != 3 and max_retries != retry.max_retries:
+            retries = 3 if max_retries is None else max_retries
+            retry = RetryPolicy(max_retries=check_count("max_retries", retries, minimum=0))
+        elif max_retries is not None:
             raise ValueError("pass max_retries or retry=RetryPolicy(...), not both")
 
         self._base_url = str(url).rstrip("/")
@@ -422,6 +423,7 @@ class NanoBananaClient:
         dest: str | os.PathLike[str],
         *,
         max_bytes: int = _download.DEFAULT_MAX_BYTES,
+        stem: str | None = None,
     ) -> Path:
         """Stream one image to ``dest`` (a file, or a folder to name it in); returns its path.
 
@@ -429,7 +431,8 @@ class NanoBananaClient:
         failures, and sent without our Authorization header: images live on other hosts.
         Each attempt must finish within the client's ``timeout``, and the image must be
         at most ``max_bytes`` (64 MiB by default) of real PNG, JPEG, WebP, GIF, AVIF or
-        HEIC bytes; ``aclose`` stops it with ClientClosedError.
+        HEIC bytes; ``aclose`` stops it with ClientClosedError. With ``stem``, ``dest``
+        is a folder and the file is ``stem`` plus the extension of what the bytes are.
         """
         session = self._get_session()
         return await self._downloads.run(
@@ -440,6 +443,7 @@ class NanoBananaClient:
                 policy=self._retry,
                 timeout=self._timeout,
                 max_bytes=max_bytes,
+                stem=stem,
             )
         )
 

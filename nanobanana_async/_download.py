@@ -119,16 +119,22 @@ async def download(
     policy: RetryPolicy,
     timeout: aiohttp.ClientTimeout,
     max_bytes: int = DEFAULT_MAX_BYTES,
+    stem: str | None = None,
 ) -> Path:
     """Stream ``url`` to ``dest`` (a file path, or an existing folder); returns the path.
 
     A ``dest`` that is an existing folder, or ends with a path separator, gets a name
-    from the URL and an extension from what the bytes are.
+    (``stem``, else one from the URL) and an extension from what the bytes are.
     """
     _check_url(url)
     limits = _limits(timeout, max_bytes)
     text = os.fspath(dest)
     path = Path(text)
+    if stem is not None:
+        safe = _safe_stem(stem)
+        if not safe:
+            raise ValueError(f"stem must hold a letter or digit, got {stem!r}")
+        return await _fetch(session, url, path, safe, policy=policy, limits=limits)
     if text.endswith(("/", os.sep)) or await asyncio.to_thread(path.is_dir):
         return await _fetch(session, url, path, _stem_for(url), policy=policy, limits=limits)
     return await _fetch(session, url, path.parent, None, path, policy=policy, limits=limits)
@@ -446,9 +452,13 @@ def _stem_for(url: str) -> str:
         parent = _sanitize(segments[-2])
         if parent:
             stem = f"{parent}_{stem}"
-    if not stem:
-        return hashlib.sha256(url.encode()).hexdigest()[:16]
-    if stem.split(".")[0].lower() in _RESERVED:
+    return _safe_stem(stem) or hashlib.sha256(url.encode()).hexdigest()[:16]
+
+
+def _safe_stem(stem: str) -> str:
+    """``stem`` as a safe file name stem, never a Windows device name; may be empty."""
+    stem = _sanitize(stem)
+    if stem and stem.split(".")[0].lower() in _RESERVED:
         stem = "_" + stem
     return stem
 

@@ -914,8 +914,7 @@ class Poller:
         delay = min(self._poll_interval * 2.0 ** min(self._failures - 1, 32), _MAX_FAILURE_WAIT)
         delay *= random.uniform(1.0, 1.25)  # the floor holds; spread only upwards
         if isinstance(exc, RateLimitError):
-            if exc.retry_after is not None:
-                delay = max(delay, min(exc.retry_after, self._retry.max_retry_after))
+            delay = self._retry.lengthened(delay, exc)
             self._paused_until = max(self._paused_until, now + delay)
         logger.warning("poll request failed, retrying in %.1f s: %s", delay, exc)
         for entry in batch:

@@ -7,7 +7,7 @@ loop owns its retries (see ``_poller``) but takes its fatal set and its pauses f
 
 Both the number of attempts and the total time are capped. A ``Retry-After`` hint may
 lengthen a wait, never shorten it below the policy's own backoff, and it is capped in
-one place: :meth:`RetryPolicy.wait`. ``RetryPolicy.no_wait()`` makes tests fast and
+one place: ``RetryPolicy.lengthened``. ``RetryPolicy.no_wait()`` makes tests fast and
 deterministic.
 """
 
@@ -121,14 +121,19 @@ class RetryPolicy:
     def wait(self, retry: int, error: BaseException | None = None) -> float:
         """Seconds to wait before retry number ``retry`` after ``error``.
 
-        The backoff, lengthened (never shortened) by a 429's ``Retry-After`` hint, which
-        is capped at ``max_retry_after``: the one place hints are capped.
+        The backoff, lengthened (never shortened) by a 429's ``Retry-After`` hint
+        (see :meth:`lengthened`).
         """
         base = self._base(retry)
-        delay = random.uniform(base / 2, base) if self.jitter else base
+        return self.lengthened(random.uniform(base / 2, base) if self.jitter else base, error)
+
+    def lengthened(self, delay: float, error: BaseException | None) -> float:
+        """``delay``, lengthened (never shortened) by a 429's ``Retry-After`` hint capped
+        at ``max_retry_after``: the one place hints are capped (the poll loop's pauses
+        come here too)."""
         hint = error.retry_after if isinstance(error, RateLimitError) else None
         if hint is not None:
-            delay = max(delay, min(hint, self.max_retry_after))
+            return max(delay, min(hint, self.max_retry_after))
         return delay
 
     def waits(self) -> Generator[float, Any, None]:

@@ -37,8 +37,9 @@ retries, an unreachable service) stops the batch and is raised from the ``async 
 the journal is left consistent, so running again continues.
 
 Images are saved into ``out`` under ``name_template`` (default ``{key}-{index}{ext}``:
-the job key, the image's 0-based index, the extension of the image URL), with the
-umask's permissions. The manifest (JSON lines, one per job, see
+the job key, the image's 0-based index, and the extension of what the image's bytes
+are when the template ends with ``{ext}``, else of the image URL), with the umask's
+permissions. The manifest (JSON lines, one per job, see
 [`BatchResult.to_json`][]) holds each job's prompt, options, task ids, trace id,
 image URLs, files, state and error. It is rewritten from the journal at the start and
 end of every run and appended to as jobs finish, so it lists each job at most once.
@@ -84,6 +85,7 @@ from ._errors import (
 )
 from ._journal import Journal, JournalBusyError, JournalEntry
 from ._models import ErrorDetail, Submission, Task
+from ._retry import POLL_FATAL
 
 __all__ = [
     "DEFAULT_NAME_TEMPLATE",
@@ -176,14 +178,10 @@ _STATES: Final = {
     "download_failed": JobState.DOWNLOAD_FAILED,
     "succeeded": JobState.SUCCEEDED,
 }
-# Errors of a wait that no other job could get past either.
-_FATAL_READS: Final = (
-    AuthenticationError,
-    PermissionDeniedError,
-    NotFoundError,
-    BadRequestError,
-    ClientClosedError,
-)
+# Errors of a wait that no other job could get past either: the poll loop's fatal set
+# (a bad token, no balance, a wrong base URL), or a closed client. A 400 is not among
+# them: the poll loop fails only the wait on the id the service refuses.
+_FATAL_READS: Final = (*POLL_FATAL, ClientClosedError)
 
 
 class _Fatal(Exception):
@@ -652,8 +650,13 @@ class BatchRunner:
         without a record (an unknown id, or a read error that leaves it pending)."""
         try:
             task = await self._client.wait(ref, timeout=None)
-        except TaskNotFoundError as exc:
-            error = _error("not_found", str(exc))
+        except (TaskNotFoundError, BadRequestError) as exc:
+            # The service does not know the id, or refuses to read it: this job fails,
+            # with its task id kept in the journal and the manifest; no other job does.
+            if isinstance(exc, TaskNotFoundError):
+                error = _error("not_found", str(exc))
+            else:
+                error = _error(exc.code or "bad_request", exc.message)
             await self._journal.finished(
                 job.key,
                 succeeded=False,
@@ -706,15 +709,22 @@ class BatchRunner:
         error: ErrorDetail | None = None
         async with self._downloads:
             for index, url in enumerate(image_urls):
-                name = self._template.format(
-                    key=_file_key(job.key),
-                    index=index,
-                    ext=_extension(url),
-                    task_id=result.task_id or "",
-                )
+                fields = {
+                    "key": _file_key(job.key),
+                    "index": index,
+                    "task_id": result.task_id or "",
+                }
                 try:
                     async with asyncio.timeout(self._download_timeout):
-                        files.append(await self._client.download(url, self._out / name))
+                        if self._template.endswith("{ext}"):
+                            # The extension of what the bytes are, not of the URL's name.
+                            name = self._template[: -len("{ext}")].format(**fields, ext="")
+                            files.append(
+                                await self._client.download(url, self._out, stem=name)
+                            )
+                        else:
+                            name = self._template.format(**fields, ext=_extension(url))
+                            files.append(await self._client.download(url, self._out / name))
                 except TimeoutError:
                     message = f"saving {name} took over {self._download_timeout:g} s"
                     error = _error("download_timeout", message)

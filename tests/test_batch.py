@@ -318,6 +318,30 @@ async def test_a_run_killed_between_the_outcome_and_the_download_saves_on_rerun(
     assert server.counts["generate"] == 0
 
 
+async def test_an_id_the_service_refuses_fails_its_job_only(
+    server: FakeNanoBanana, tmp_path: Path
+) -> None:
+    """A 400 for one id: the poll loop fails only that wait, and so does the batch
+    (it stopped the whole batch for good: every rerun waited on the id again)."""
+    jobs = jobs_of("refused", "fine")
+    refused = server.add_task(duration=0.05)
+    server.inject("error", status=400, action="retrieve_batch", task_id=refused, times=1000)
+    journal = Journal(tmp_path / ".nanobanana" / "journal.sqlite3")
+    await journal.open()
+    await journal.intend("1", spec_text(jobs[0]), "first", 1)
+    await journal.submitted("1", 1, refused, None)
+    await journal.aclose()
+    async with fast_client(server) as client, runner(client, jobs, tmp_path) as batch:
+        results = {result.job.key: result for result in await collect(batch)}
+    assert results["1"].state is JobState.FAILED
+    assert results["1"].task_id == refused
+    assert results["1"].error is not None
+    assert results["1"].error.code == "bad_request"
+    assert results["2"].state is JobState.SUCCEEDED
+    assert batch.summary.failed == 1
+    assert batch.summary.succeeded == 1
+
+
 async def test_an_error_no_job_can_pass_stops_the_batch_cleanly(
     server: FakeNanoBanana, tmp_path: Path
 ) -> None:

@@ -436,6 +436,23 @@ async def test_interrupted_wait_says_how_to_resume(
     assert f"tasks wait --base-url {slow_server.base_url} {ids[0]} {ids[1]}" in err
 
 
+async def test_a_wait_interrupted_during_its_first_read_says_how_to_resume(
+    slow_server: FakeNanoBanana, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Found flaky: a stop before the first read answered printed only "Interrupted.".
+    ids = [slow_server.add_task(), slow_server.add_task()]
+    slow_server.inject("slow", delay=30, action="retrieve_batch")  # holds the first read
+    argv = ["--token", slow_server.token, "--base-url", slow_server.base_url]
+    argv += ["--poll-interval", "0.02", "tasks", "wait", *ids]
+    run = asyncio.create_task(main_async(argv))
+    await wait_until(lambda: slow_server.counts["retrieve_batch"] >= 1)
+    run.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await run
+    err = capsys.readouterr().err
+    assert f"tasks wait --base-url {slow_server.base_url} {ids[0]} {ids[1]}" in err
+
+
 async def test_interrupted_generate_names_its_task(
     slow_server: FakeNanoBanana, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -333,6 +333,7 @@ def test_default_base_url(monkeypatch: pytest.MonkeyPatch) -> None:
         ({"not_found_grace": float("nan")}, "not_found_grace"),
         ({"callback_poll_interval": -1}, "callback_poll_interval"),
         ({"max_retries": True}, "max_retries"),
+        ({"max_retries": 3, "retry": RetryPolicy(max_retries=5)}, "max_retries"),
     ],
 )
 def test_bad_options(options: dict[str, object], argument: str) -> None:

@@ -577,3 +577,19 @@ async def test_a_failed_rename_is_a_download_error_and_leaves_no_part(
         await client.download(task.image_urls[0], tmp_path)
     assert not isinstance(caught.value, APIConnectionError)
     assert leftovers(tmp_path) == [f"{task.id}_0.png"]
+
+
+async def test_a_stem_names_the_file_and_the_bytes_its_extension(
+    make_client: MakeClient, hostile: str, tmp_path: Path
+) -> None:
+    # A PNG served under a .jpg name: the file is named by what it is.
+    async with make_client() as client:
+        path = await client.download(f"{hostile}/name/photo.jpg", tmp_path, stem="cat-0")
+        assert path == tmp_path / "cat-0.png"
+        assert path.read_bytes().startswith(b"\x89PNG")
+        reserved = await client.download(f"{hostile}/name/x.png", tmp_path, stem="nul")
+        assert reserved.name == "_nul.png"
+        escaped = await client.download(f"{hostile}/name/x.png", tmp_path, stem="../../up")
+        assert escaped.parent == tmp_path  # never out of the folder
+        with pytest.raises(ValueError, match="stem"):
+            await client.download(f"{hostile}/name/x.png", tmp_path, stem="...")

@@ -350,6 +350,7 @@ async def tasks_wait(ctx: Context) -> int:
     args = ctx.args
     ids: list[str] = args.ids
     ctx.order = list(ids)
+    ctx.waiting = list(ids)  # a stop during the first look still says how to resume
     async with make_client(args) as client:
         targets = await _first_look(client, ctx, ids)
         timed_out = await _follow(client, ctx, targets, args.out_path)

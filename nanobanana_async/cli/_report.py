@@ -9,12 +9,11 @@ import attrs
 
 from .._models import ErrorDetail, Task
 
-__all__ = ["NOT_FOUND", "PENDING", "TIMEOUT_CODE", "TaskReport", "document"]
+__all__ = ["NOT_FOUND", "PENDING", "TaskReport", "document"]
 
 NOT_FOUND: Final = "not_found"
 PENDING: Final = "pending"
 #: The error code of a report whose images could not all be saved before a deadline.
-TIMEOUT_CODE: Final = "timeout"
 
 
 @attrs.frozen
