@@ -13,6 +13,8 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Final, TypeAlias
 
+from ._sniff import SNIFF_BYTES, image_extension
+
 __all__ = ["MAX_IMAGE_URL_BYTES", "ImageInput", "image_url", "image_urls"]
 
 #: The API takes each entry of ``image_urls`` up to 10 MB, a ``data:`` URL included.
@@ -22,7 +24,7 @@ MAX_IMAGE_URL_BYTES: Final = 10 * 1024 * 1024
 ImageInput: TypeAlias = str | os.PathLike[str] | bytes
 
 _URL_PREFIXES: Final = ("http://", "https://", "data:")
-_SNIFF_BYTES: Final = 12
+_SNIFF_BYTES: Final = SNIFF_BYTES
 _KINDS: Final = "PNG, JPEG, WebP or GIF"
 
 
@@ -97,17 +99,21 @@ def _file_data_url(path: Path) -> str:
     return _data_url(mime, data)
 
 
+# The kinds of image the API takes inline, by the extension ``_sniff`` reads off the bytes.
+_MIME_TYPES: Final = {
+    ".png": "image/png",
+    ".jpg": "image/jpeg",
+    ".gif": "image/gif",
+    ".webp": "image/webp",
+}
+
+
 def _mime_type(head: bytes, shown: str) -> str:
     """The image type from its first bytes; a file name's extension can lie."""
-    if head.startswith(b"\x89PNG\r\n\x1a\n"):
-        return "image/png"
-    if head.startswith(b"\xff\xd8\xff"):
-        return "image/jpeg"
-    if head.startswith((b"GIF87a", b"GIF89a")):
-        return "image/gif"
-    if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
-        return "image/webp"
-    raise ValueError(f"not an image ({_KINDS} expected): {shown}")
+    mime = _MIME_TYPES.get(image_extension(head) or "")
+    if mime is None:
+        raise ValueError(f"not an image ({_KINDS} expected): {shown}")
+    return mime
 
 
 def _check_size(mime: str, size: int, shown: str) -> None:

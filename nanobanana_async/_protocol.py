@@ -331,9 +331,9 @@ def trace_id_of(response: RawResponse) -> str | None:
     return trace_id if isinstance(trace_id, str) else None
 
 
-def _decode(payload: dict[str, Any], cls: type[T], response: RawResponse) -> T:
+def _decode(payload: Any, cls: type[T], response: RawResponse, path: str = "$") -> T:
     try:
-        return structure(payload, cls)
+        return structure(payload, cls, path=path)
     except DecodeFailure as failure:
         raise ResponseDecodeError(
             f"unexpected {cls.__name__} shape: {failure}",
@@ -372,14 +372,7 @@ def _record(payload: Any, response: RawResponse, path: str) -> Task:
             status=response.status,
             body_excerpt=_excerpt(response.body),
         )
-    try:
-        return structure(payload, Task, path=path)
-    except DecodeFailure as failure:
-        raise ResponseDecodeError(
-            f"unexpected Task shape: {failure}",
-            status=response.status,
-            body_excerpt=_excerpt(response.body),
-        ) from None
+    return _decode(payload, Task, response, path)
 
 
 def parse_task(response: RawResponse, task_id: str) -> Task:
