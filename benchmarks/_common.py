@@ -240,6 +240,7 @@ async def _serve(options: dict[str, Any]) -> None:
                     {
                         "counts": dict(server.counts),
                         "batch_sizes": server.batch_sizes,
+                        "batch_times": server.batch_times,
                         "cpu": time.process_time(),
                     }
                 )

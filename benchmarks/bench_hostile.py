@@ -166,7 +166,9 @@ async def gzip_bomb() -> Outcome:
             except ResponseDecodeError as exc:
                 refused, detail = "larger than" in str(exc), str(exc)
         counts = await server.counts()
-    detail += f"; retrieve requests in all: {counts.get('retrieve', 0)} (a bomb is not retried)"
+    refused = refused and counts.get("retrieve", 0) == 2
+    bomb_requests = counts.get("retrieve", 0) - 1  # less the warm-up
+    detail += f"; requests the bomb cost: {bomb_requests} (it is not retried)"
     return Outcome("gzip bomb answer (1 GiB inflated)", probe, refused, detail)
 
 

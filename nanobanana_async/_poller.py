@@ -88,6 +88,7 @@ _MAX_IN_FLIGHT = 32  # requests running at once
 _GARBLED = 3  # unreadable answers in a row, for one id alone, that fail its waiters
 _RECENT_LIMIT = 1024  # callbacks remembered for waits not started yet
 _SLACK = 0.001  # seconds: due this soon is due now
+_WINDOW_S = 1.05  # the budget's window: a second, and a margin for the network's jitter
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -266,24 +267,43 @@ class _Alarms:
 
 
 class _Budget:
-    """At most ``rate`` requests in any one-second window (a sliding log of send times)."""
+    """At most ``rate`` requests in any one-second window, spread over it.
+
+    Two rules: a sliding log of send times caps any window of ``_WINDOW_S`` (a second,
+    plus a margin for the network's jitter, so the service too sees no more than
+    ``rate`` in any second) at ``rate``; and sends are paced ``_WINDOW_S / rate`` apart,
+    in bursts of at most ``rate / 4`` (a round that needs a few requests sends them at
+    once), so a second's requests do not all leave, and arrive, in one lump.
+    """
 
     def __init__(self, rate: int) -> None:
         self._rate = rate
         self._sent: deque[float] = deque()
+        self._spacing = _WINDOW_S / rate
+        self._burst = max(1, rate // 4)
+        self._paced = -math.inf  # when the pacing would next let one go, with no burst
 
     def available(self, now: float) -> int:
         sent = self._sent
-        while sent and now - sent[0] >= 1.0:
+        while sent and now - sent[0] >= _WINDOW_S:
             sent.popleft()
-        return self._rate - len(sent)
+        window = self._rate - len(sent)
+        ahead = max(self._paced, now) - now  # how far the pacing runs ahead of now
+        paced = self._burst - math.ceil(ahead / self._spacing - 1e-9)
+        return max(0, min(window, paced))
 
-    def next_free(self) -> float:
-        """When the oldest send in the window leaves it (call when none is available)."""
-        return self._sent[0] + 1.0
+    def next_free(self, now: float) -> float:
+        """When a whole burst may go again (call when none is available now): waking
+        for each request alone would cost a wake-up per request, four bursts a second
+        cost four."""
+        when = now
+        if len(self._sent) >= self._rate:
+            when = self._sent[-self._rate] + _WINDOW_S
+        return max(when, self._paced)
 
     def spend(self, now: float) -> None:
         self._sent.append(now)
+        self._paced = max(self._paced, now) + self._spacing
 
 
 _Item = tuple[float, str, "_Entry | list[_Entry]"]
@@ -740,7 +760,7 @@ class Poller:
         if len(self._requests) >= _MAX_IN_FLIGHT:
             return float("inf")  # woken when a request ends
         if self._budget.available(now) <= 0:
-            return self._budget.next_free()
+            return self._budget.next_free(now)
         return now
 
     def _send_round(self, now: float, loop: asyncio.AbstractEventLoop) -> None:

@@ -105,7 +105,8 @@ Image listener
 Counters
     ``counts`` (a ``collections.Counter`` keyed by body action, ``"invalid"`` when the body
     has none, counting every API request including faulted ones), ``batch_sizes`` (number of
-    ids in each ``retrieve_batch``) and ``reset_counts()`` (clears both).
+    ids in each ``retrieve_batch``), ``batch_times`` (``time.monotonic()`` of each
+    ``retrieve_batch``, for request rates) and ``reset_counts()`` (clears all three).
 
 Callbacks
     A task with a ``callback_url`` is POSTed its result body once, unsigned, when it finishes;
@@ -549,6 +550,7 @@ class FakeNanoBanana:
         self.tasks: dict[str, FakeTask] = {}
         self.counts: collections.Counter[str] = collections.Counter()
         self.batch_sizes: list[int] = []
+        self.batch_times: list[float] = []
         self.image_requests: list[tuple[str, dict[str, str]]] = []
         self.callback_deliveries: list[CallbackDelivery] = []
         self.callbacks_dropped = 0
@@ -795,9 +797,11 @@ class FakeNanoBanana:
         self._drop_callbacks += times
 
     def reset_counts(self) -> None:
-        """Clear ``counts`` and ``batch_sizes`` (e.g. between benchmark phases)."""
+        """Clear ``counts``, ``batch_sizes`` and ``batch_times`` (e.g. between benchmark
+        phases)."""
         self.counts.clear()
         self.batch_sizes.clear()
+        self.batch_times.clear()
 
     # ----------------------------------------------------------------- task creation
 
@@ -1057,6 +1061,7 @@ class FakeNanoBanana:
         self.counts[key] += 1
         if key == "retrieve_batch" and body is not None and isinstance(body.get("ids"), list):
             self.batch_sizes.append(len(body["ids"]))
+            self.batch_times.append(time.monotonic())
         fault = self._take_fault(key, body)
         if fault is not None:
             answer = await self._apply_fault(request, fault)

@@ -223,13 +223,16 @@ async def test_learned_durations_skip_polls_no_young_task_could_answer(service: 
 async def test_the_budget_bounds_requests_in_any_second_and_polls_fairly(
     service: Service,
 ) -> None:
-    poller = make_poller(service, max_requests_per_second=4)
+    poller = make_poller(service, max_requests_per_second=8)
     ids = [service.add(f"t{i}", finish=30.0) for i in range(1000)]
     waits = [asyncio.create_task(wait(poller, task_id)) for task_id in ids]
     await asyncio.gather(*waits)
     times = [at for at, _ in service.calls]
     for start in times:
-        assert sum(1 for at in times if start <= at < start + 1.0) <= 4
+        # At most the budget in any second (with a margin for the network's jitter) ...
+        assert sum(1 for at in times if start <= at < start + 1.05) <= 8
+        # ... and spread over it: bursts of a quarter of the budget at the most.
+        assert sum(1 for at in times if start <= at < start + 0.25) <= 2
     # Oldest-due first: every id is read once before any is read twice.
     first_round = [task_id for _, batch in service.calls[:20] for task_id in batch]
     assert sorted(first_round) == sorted(ids)
