@@ -26,7 +26,8 @@ median of the same run; at most N + 10 ``retrieve`` requests (one confirmation p
 callback, by the replica that received it, never one per replica).
 
 With ``--kill-redis``, a third side runs the relay again and kills ``redis-server``
-2 s into the run, restarting it on the same port 2 s later: every wait must still
+1.5 s into the run, restarting it on the same port 1.5 s later (so most tasks finish
+after it is back, and show the relays reconnected): every wait must still
 finish (those whose callback came during the outage by lazy polling) and the relays must
 reconnect by themselves.
 
@@ -283,8 +284,8 @@ async def run_side(
 
                 wall0 = time.perf_counter()
                 chaos = None
-                if kill_redis and redis is not None:  # down from 2 s to 4 s: mid-run
-                    chaos = asyncio.create_task(outage(redis, 2.0, 2.0))
+                if kill_redis and redis is not None:  # down from 1.5 s to 3 s: mid-run
+                    chaos = asyncio.create_task(outage(redis, 1.5, 1.5))
                 runs = await asyncio.gather(
                     *(
                         post_run(u, n, i)
@@ -350,7 +351,7 @@ async def main(args: argparse.Namespace) -> None:
         ]
         if args.kill_redis:
             sides.append(
-                await run_side("relay, Redis down 2..4 s", args, redis, front, kill_redis=True)
+                await run_side("relay, Redis down 1.5..3 s", args, redis, front, kill_redis=True)
             )
     print(
         f"{args.replicas} replica processes behind a round-robin front, N={args.n} tasks "
@@ -418,7 +419,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--kill-redis",
         action="store_true",
-        help="a third side: kill Redis 3 s into the run and restart it 3 s later",
+        help="a third side: kill Redis 1.5 s into the run and restart it 1.5 s later",
     )
     return parser.parse_args(argv)
 

@@ -145,7 +145,7 @@ def _lenient_object(value: Any, _: type) -> dict[str, Any] | None:
 def _lenient_seconds(value: Any, _: type) -> float | None:
     """A Unix time or a duration: a number, a numeric string or an ISO 8601 time."""
     if type(value) is float:
-        return value if math.isfinite(value) else None
+        return value if value - value == 0.0 else None  # NaN and infinities are not times
     if type(value) is int:
         return float(value)
     if type(value) is str:
@@ -220,14 +220,18 @@ def make_converter(
 
         return structure_list
 
+    image_hook: list[Callable[[Any, type], ImageResult] | None] = [None]
+
     def image_list(value: Any, _: Any) -> list[ImageResult]:
         # The images of a task: strict about their shape, but a null entry beside good
         # ones is skipped rather than failing the whole finished task.
         if value is None:
             return []
-        if not isinstance(value, list):
+        if type(value) is not list:
             raise TypeError(f"expected an array, got {type(value).__name__}")
-        image = conv.get_structure_hook(ImageResult)
+        image = image_hook[0]
+        if image is None:  # resolved on first use: the hook is registered below
+            image = image_hook[0] = conv.get_structure_hook(ImageResult)
         images: list[ImageResult] = []
         errors: list[Exception] = []
         for index, item in enumerate(value):
@@ -252,7 +256,7 @@ def make_converter(
         fields = make_dict_structure_fn(cls, conv, **overrides)
 
         def structure_record(value: Any, cls: Any) -> Any:
-            if not isinstance(value, dict):
+            if type(value) is not dict:  # JSON objects are plain dicts
                 raise TypeError(f"expected an object, got {type(value).__name__}")
             return fields(value, cls)
 

@@ -109,8 +109,10 @@ class Task:
         response = self.response
         if self.error is not None or (response is not None and response.success is False):
             return TaskState.FAILED
-        if response is not None and response.success and self.image_urls:
-            return TaskState.SUCCEEDED
+        if response is not None and response.success:
+            for item in response.data:  # (a loop, not image_urls: no list is built)
+                if item.image_url:
+                    return TaskState.SUCCEEDED
         if self.finished_at is not None:
             return TaskState.FAILED  # finished with no image at all
         return TaskState.PENDING

@@ -20,7 +20,7 @@ With aiohttp, in a ``cleanup_ctx``::
 
 API
     ``RedisRelay(client, redis_url, *, channel="nanobanana-async",
-    max_message_size=256 KiB, max_reconnect_wait=10.0, connect_timeout=5.0)``;
+    max_message_size=256 KiB, max_reconnect_wait=5.0, connect_timeout=5.0)``;
     ``async with relay:`` or ``await start()`` / ``await aclose()``; ``await publish(task)
     -> bool``; ``connected``; ``await wait_connected()``; ``stats`` ([`RelayStats`][]).
 
@@ -179,7 +179,7 @@ class RedisRelay:
         *,
         channel: str = DEFAULT_CHANNEL,
         max_message_size: int = 256 * 1024,
-        max_reconnect_wait: float = 10.0,
+        max_reconnect_wait: float = 5.0,
         connect_timeout: float = 5.0,
     ) -> None:
         if not isinstance(client, NanoBananaClient):
