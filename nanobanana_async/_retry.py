@@ -18,14 +18,16 @@ import math
 import random
 import time
 from collections.abc import Awaitable, Callable, Generator
-from typing import Any, ParamSpec, TypeVar
+from typing import Any, Final, ParamSpec, TypeVar
 
 import attrs
 import backoff
 
 from ._errors import (
     APIConnectionError,
+    APIError,
     AuthenticationError,
+    BadRequestError,
     DownloadError,
     NanoBananaError,
     NotFoundError,
@@ -35,8 +37,10 @@ from ._errors import (
 )
 
 __all__ = [
+    "ACCOUNT_CODES",
     "POLL_FATAL",
     "RetryPolicy",
+    "is_account_error",
     "is_retryable_download",
     "is_retryable_read",
     "is_retryable_submission",
@@ -50,9 +54,31 @@ R = TypeVar("R")
 
 _RETRYABLE_STATUSES = frozenset({500, 502, 503, 504})
 
-#: Errors that no retry of a poll can mend, whatever task ids it carried: every waiter
-#: of the client fails with them at once (a bad token, no balance, a wrong base URL).
+#: The classes of error that refuse the account rather than one request or task id (a bad
+#: token, no balance, a wrong base URL): see :func:`is_account_error`.
 POLL_FATAL = (AuthenticationError, PermissionDeniedError, NotFoundError)
+
+#: 400 codes that refuse the token or the API itself, never one task id.
+ACCOUNT_CODES: Final = frozenset(
+    {"token_mismatched", "no_token", "disabled", "api_not_implemented"}
+)
+_REFUSED_CONTENT: Final = "forbidden"  # a 403 for one prompt's content, not the account
+
+
+def is_account_error(exc: BaseException) -> bool:
+    """Whether the service refused the account, not one request: no other request of the
+    client can get past it (a bad token, no balance, a wrong base URL, a disabled API).
+
+    Judged from the service's own error code: a proxy's HTML page with a 401/403/404 and
+    no code is not enough on its own (the poll loop fails everyone only if it repeats).
+    """
+    if not isinstance(exc, APIError) or exc.code is None:
+        return False
+    if isinstance(exc, AuthenticationError | NotFoundError):
+        return True
+    if isinstance(exc, PermissionDeniedError):
+        return exc.code != _REFUSED_CONTENT
+    return isinstance(exc, BadRequestError) and exc.code in ACCOUNT_CODES
 
 
 def _number(minimum: float, *, strict: bool = False, finite: bool = True) -> Any:

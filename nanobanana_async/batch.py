@@ -85,7 +85,7 @@ from ._errors import (
 )
 from ._journal import Journal, JournalBusyError, JournalEntry
 from ._models import ErrorDetail, Submission, Task
-from ._retry import POLL_FATAL
+from ._retry import POLL_FATAL, is_account_error
 
 __all__ = [
     "DEFAULT_NAME_TEMPLATE",
@@ -789,8 +789,8 @@ def _stops_the_batch(exc: NanoBananaError) -> bool:
     """Errors no job can get past, and that certainly created no task."""
     if isinstance(exc, APIConnectionError):
         return not exc.request_sent
-    if isinstance(exc, PermissionDeniedError):
-        return exc.code != _REFUSED_CODE  # used_up: every later submission fails alike
+    if is_account_error(exc):  # a bad token, no balance, a disabled API: alike for all
+        return True
     return isinstance(exc, AuthenticationError | NotFoundError | RateLimitError | ClientClosedError)
 
 
