@@ -26,7 +26,7 @@ from yarl import URL
 
 from . import _addresses, _download, _images, _protocol, _transport
 from ._checks import check_count, check_number, check_timeout
-from ._concurrency import gather_or_cancel
+from ._concurrency import InFlight, gather_or_cancel
 from ._errors import (
     APIConnectionError,
     ClientClosedError,
@@ -138,7 +138,8 @@ class NanoBananaClient:
         self._retry = retry
         self._read: _Exchange = retrying(self._exchange, retry, is_retryable_read)
         self._submit: _Exchange = retrying(self._exchange, retry, is_retryable_submission)
-        self._downloads = _download.InFlight()
+        self._downloads = InFlight("download")
+        self._calls = InFlight("request")  # API calls: aclose stops them at once
         self._poller = Poller(
             self._fetch_for_poller,
             batch_size=batch_size,
@@ -192,6 +193,7 @@ class NanoBananaClient:
         await self._poller.aclose()
         # Before the session: aiohttp leaves a body read hanging when its session closes.
         await self._downloads.aclose()
+        await self._calls.aclose()
         session, self._session = self._session, None
         if session is not None and self._owns_session:
             await session.close()
@@ -261,8 +263,9 @@ class NanoBananaClient:
         body: dict[str, Any],
         read: Callable[[_protocol.RawResponse], T],
     ) -> T:
-        """Run ``attempts`` (a retrying wrapper of :meth:`_exchange`) with a typed result."""
-        return cast(T, await attempts(path, body, read))
+        """Run ``attempts`` (a retrying wrapper of :meth:`_exchange`) with a typed result,
+        as a call ``aclose`` stops at once (ClientClosedError)."""
+        return cast(T, await self._calls.run(attempts(path, body, read)))
 
     # --- submitting -------------------------------------------------------------------
 
@@ -319,6 +322,7 @@ class NanoBananaClient:
 
     async def _submit_body(self, body: dict[str, Any], callback_url: str | None) -> Submission:
         read = functools.partial(_protocol.parse_submission, callback_url=callback_url)
+        self._check_open()  # closed before: nothing was sent
         try:
             submission = await self._call(self._submit, _protocol.IMAGES_PATH, body, read)
         except NanoBananaError as exc:
@@ -564,4 +568,6 @@ def _target(task: TaskRef) -> Target:
 def _may_have_created_task(exc: NanoBananaError) -> bool:
     if isinstance(exc, APIConnectionError):
         return exc.request_sent
-    return isinstance(exc, ServerError | ResponseDecodeError)
+    # ClientClosedError here: closed while the request was out (closed before raises
+    # earlier), so the service may have taken it.
+    return isinstance(exc, ServerError | ResponseDecodeError | ClientClosedError)

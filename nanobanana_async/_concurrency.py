@@ -1,14 +1,64 @@
-"""Running a few coroutines together so that one failure leaves nothing running."""
+"""Running coroutines so that nothing is left running: a failure, a cancel or closing
+the client stops what was started with it."""
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Iterable
-from typing import TypeVar
+from collections.abc import Awaitable, Coroutine, Iterable
+from typing import Any, TypeVar
 
-__all__ = ["gather_or_cancel"]
+from ._errors import ClientClosedError
+
+__all__ = ["InFlight", "gather_or_cancel"]
 
 T = TypeVar("T")
+
+
+class InFlight:
+    """The calls a client is running, so that closing the client stops them first.
+
+    Each call runs as a task of its own, which ``aclose`` cancels: its caller then gets
+    ClientClosedError at once rather than waiting out a timeout (and aiohttp does not
+    wake a body read when its session closes under it: a download would wait forever).
+    ``aclose`` waits until each has cleaned up (a download's ``.part`` file is gone).
+    """
+
+    def __init__(self, what: str) -> None:
+        self._what = what
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._closed = False
+
+    async def run(self, job: Awaitable[T]) -> T:
+        """Run ``job`` as a call that ``aclose`` can stop with ClientClosedError."""
+        if self._closed:
+            if isinstance(job, Coroutine):
+                job.close()  # never awaited, on purpose: no warning for it
+            raise ClientClosedError("this NanoBananaClient is closed")
+        task = asyncio.ensure_future(job)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        try:
+            # Cancelling the caller cancels the task and waits for it to clean up.
+            return await task
+        except asyncio.CancelledError:
+            caller = asyncio.current_task()
+            closed_under_us = self._closed and task.cancelled()
+            if closed_under_us and (caller is None or not caller.cancelling()):
+                raise ClientClosedError(
+                    f"the NanoBananaClient was closed during the {self._what}"
+                ) from None
+            raise
+
+    async def aclose(self) -> None:
+        """Cancel every call still running and wait until each has cleaned up."""
+        self._closed = True
+        tasks = list(self._tasks)
+        for task in tasks:
+            task.cancel()
+        if tasks:
+            await asyncio.wait(tasks)
+
+
 
 
 async def gather_or_cancel(awaitables: Iterable[Awaitable[T]]) -> list[T]:

@@ -8,7 +8,7 @@ Strict where a value matters, lenient where it is bookkeeping. Ids, ``success``,
 URLs and error codes go through strict hooks: a number where a string belongs is a
 decode error naming the field's path, never a silently stringified value. Fields the
 client does not act on (timestamps, ``elapsed``, trace ids, ``type``, ``request``, an
-error's message, a ``null`` among the images) are read leniently: a value of an
+error's message, a malformed image entry beside good ones) are read leniently: a value of an
 unexpected type becomes None (or is skipped), so it can never keep a finished task's
 images from the user.
 """
@@ -223,8 +223,9 @@ def make_converter(
     image_hook: list[Callable[[Any, type], ImageResult] | None] = [None]
 
     def image_list(value: Any, _: Any) -> list[ImageResult]:
-        # The images of a task: strict about their shape, but a null entry beside good
-        # ones is skipped rather than failing the whole finished task.
+        # The images of a task. A malformed entry (a null, a string, an image_url that is
+        # not a string) beside good ones is skipped: it must not keep the good images of
+        # a finished, paid task away. With no good entry at all, the list is an error.
         if value is None:
             return []
         if type(value) is not list:
@@ -244,7 +245,7 @@ def make_converter(
                 note = IterableValidationNote(where, index, ImageResult)
                 exc.__notes__ = [*getattr(exc, "__notes__", []), note]
                 errors.append(exc)
-        if errors:
+        if errors and not images:
             raise IterableValidationError("While structuring images", errors, list)
         return images
 

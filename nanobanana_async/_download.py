@@ -19,21 +19,21 @@ import hashlib
 import os
 import re
 import secrets
-from collections.abc import Coroutine, Sequence
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Final, NamedTuple, TypeVar
+from typing import Final, NamedTuple, TypeVar
 
 import aiohttp
 from yarl import URL
 
 from ._addresses import Reach, reach_of_host, reaches_of
 from ._concurrency import gather_or_cancel
-from ._errors import APIConnectionError, APITimeoutError, ClientClosedError, DownloadError
+from ._errors import APIConnectionError, APITimeoutError, DownloadError
 from ._retry import RetryPolicy, is_retryable_download, retrying
 from ._sniff import SNIFF_BYTES, image_extension
 from ._transport import network_error
 
-__all__ = ["DEFAULT_MAX_BYTES", "InFlight", "download", "download_all"]
+__all__ = ["DEFAULT_MAX_BYTES", "download", "download_all"]
 
 T = TypeVar("T")
 
@@ -67,48 +67,6 @@ class _Limits(NamedTuple):
     deadline: float | None
     connect: float | None
     max_bytes: int
-
-
-class InFlight:
-    """The downloads a client is running, so closing the client stops them first.
-
-    aiohttp does not wake a body read when its session closes under it (the connection
-    is dropped with the read's timer, and the read waits forever), so the client cancels
-    its downloads, and waits for their ``.part`` files to go, before closing the session.
-    """
-
-    def __init__(self) -> None:
-        self._tasks: set[asyncio.Task[Any]] = set()
-        self._closed = False
-
-    async def run(self, job: Coroutine[Any, Any, T]) -> T:
-        """Run ``job`` as a download that ``aclose`` can stop with ClientClosedError."""
-        if self._closed:
-            job.close()
-            raise ClientClosedError("this NanoBananaClient is closed")
-        task = asyncio.create_task(job)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-        try:
-            # Cancelling the caller cancels the task and waits for it to clean up.
-            return await task
-        except asyncio.CancelledError:
-            caller = asyncio.current_task()
-            closed_under_us = self._closed and task.cancelled()
-            if closed_under_us and (caller is None or not caller.cancelling()):
-                raise ClientClosedError(
-                    "the NanoBananaClient was closed during the download"
-                ) from None
-            raise
-
-    async def aclose(self) -> None:
-        """Cancel every download still running and wait until each has cleaned up."""
-        self._closed = True
-        tasks = list(self._tasks)
-        for task in tasks:
-            task.cancel()
-        if tasks:
-            await asyncio.wait(tasks)
 
 
 async def download(

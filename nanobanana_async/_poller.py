@@ -43,6 +43,8 @@ from collections import OrderedDict, deque
 from collections.abc import AsyncGenerator, Awaitable, Callable, Iterable
 from typing import Any, NamedTuple, TypeVar
 
+import attrs
+
 from ._errors import (
     BadRequestError,
     ClientClosedError,
@@ -54,7 +56,7 @@ from ._errors import (
 )
 from ._models import Task, TaskState
 from ._protocol import read_item, unchanged
-from ._retry import POLL_FATAL, RetryPolicy
+from ._retry import POLL_FATAL, RetryPolicy, is_account_error
 
 __all__ = ["FetchBatch", "OnUpdate", "Poller", "Target", "call_on_update"]
 
@@ -82,10 +84,12 @@ _FIRST_POLL = 2.5  # x poll_interval: the age of a fresh task's first poll
 _AGE_FACTOR = 0.75  # the interval grows with age: 0.75 x age, within the bounds
 _WINDOW = 0.25  # x poll_interval: entries due this soon go out with the round
 _LEARNED = 0.8  # x the shortest recent duration: no poll of a younger task
+_LEARNED_CAP = 4.0  # x max_poll_interval: the most that learning may hold a first read back
 _DURATIONS = 32  # recent successful durations kept to learn from
 _MAX_FAILURE_WAIT = 30.0  # cap on the loop's own backoff after failed requests
 _MAX_IN_FLIGHT = 32  # requests running at once
 _GARBLED = 3  # unreadable answers in a row, for one id alone, that fail its waiters
+_REFUSALS = 3  # code-less 401/403/404 answers in a row that fail every waiter
 _RECENT_LIMIT = 1024  # callbacks remembered for waits not started yet
 _SLACK = 0.001  # seconds: due this soon is due now
 _WINDOW_S = 1.05  # the budget's window: a second, and a margin for the network's jitter
@@ -192,15 +196,19 @@ class _Entry:
 
 
 def _result(entry: _Entry) -> Task:
-    """The settled outcome: the finished record, or a raise of a copy of its error.
+    """The settled outcome: the finished record, or a raise of a copy of its error."""
+    assert entry.outcome is not None
+    return _unwrap(entry.outcome)
+
+
+def _unwrap(outcome: Task | BaseException) -> Task:
+    """``outcome`` if it is a record, else raise a copy of it.
 
     Many waiters may share one error; each raises its own copy, or the one instance's
     traceback would grow with every task it is raised in.
     """
-    outcome = entry.outcome
     if isinstance(outcome, Task):
         return outcome
-    assert outcome is not None
     try:
         error = copy.copy(outcome)
     except Exception:
@@ -410,6 +418,7 @@ class Poller:
         self._retry = retry
         self._window = poll_interval * _WINDOW
         self._first_poll = poll_interval * _FIRST_POLL
+        self._learned_cap = max_poll_interval * _LEARNED_CAP
         self._budget = _Budget(max_requests_per_second)
         self._entries: dict[str, _Entry] = {}
         # Eager and lazy entries apart: a request is topped up with eager ones only.
@@ -425,6 +434,7 @@ class Poller:
         self._sleeping_until = -math.inf
         self._paused_until = 0.0
         self._failures = 0  # failed requests in a row: the loop's backoff exponent
+        self._last_failure_at = -math.inf  # when the last counted failure was known
         self._durations: deque[float] = deque(maxlen=_DURATIONS)
         self._shortest: float | None = None
         self._closed = False
@@ -486,8 +496,14 @@ class Poller:
     async def as_completed(
         self, targets: Iterable[Target], *, timeout: float | None
     ) -> AsyncGenerator[Task, None]:
-        """Yield each task's finished record once, in the order they finish."""
+        """Yield each task's finished record once, in the order they finish.
+
+        A task whose record cannot be had (an unknown id, a refused or unreadable one)
+        does not end the others: its error is raised once every other task was yielded,
+        with a note naming any other task that failed so.
+        """
         loop = asyncio.get_running_loop()
+        failed: list[tuple[str, BaseException]] = []
         entries: dict[str, _Entry] = {}
         for target in targets:
             if target.task_id not in entries:
@@ -508,10 +524,23 @@ class Poller:
                         entry = await finished.get()
                 except TimeoutError:
                     pending = next(iter(entries.values()))
-                    raise TaskTimeoutError(pending.task_id, pending.last, timeout=timeout) from None
+                    error = TaskTimeoutError(pending.task_id, pending.last, timeout=timeout)
+                    _note_failures(error, failed)
+                    raise error from None
                 del entries[entry.task_id]
                 self._release(entry)
-                yield _result(entry)
+                if isinstance(entry.outcome, Task):
+                    yield entry.outcome
+                else:
+                    assert entry.outcome is not None
+                    failed.append((entry.task_id, entry.outcome))
+            if failed:
+                _, outcome = failed.pop(0)
+                try:
+                    _unwrap(outcome)
+                except BaseException as error:
+                    _note_failures(error, failed)
+                    raise
         finally:
             for entry in entries.values():
                 if entry.on_settle is not None and finished.put_nowait in entry.on_settle:
@@ -529,7 +558,9 @@ class Poller:
         entry = self._entries.get(task.id)
         if entry is None:
             if remember and task.done:
-                _remember(self._recent, task.id, task)
+                # Kept without ``request`` (the echo of the submission, maybe data: URLs
+                # of megabytes): a bounded count of records must mean bounded memory.
+                _remember(self._recent, task.id, attrs.evolve(task, request=None))
             return False
         if not task.done:
             entry.update(task)
@@ -595,7 +626,12 @@ class Poller:
             else:
                 self._push(entry, now)  # an id of unknown age: read it now, to learn its age
         else:
-            entry.lazy = entry.lazy and lazy  # one eager waiter is enough to poll eagerly
+            if entry.lazy and not lazy:
+                # One eager waiter is enough to poll eagerly: out of the lazy heap now,
+                # not at the lazy read it was scheduled for.
+                entry.lazy = False
+                if not entry.polling:
+                    self._schedule(entry, now)
             if finished is not None:
                 self._finish(entry, finished)  # the record in hand settles everyone now
         entry.refs += 1
@@ -692,7 +728,9 @@ class Poller:
             # of a task younger than the shortest duration seen lately.
             earliest = entry.born + self._first_poll
             if self._shortest is not None:
-                learned = entry.born + _LEARNED * self._shortest
+                # Capped: a client running slow and fast models alike must not learn
+                # from the slow ones to read the fast ones late.
+                learned = entry.born + min(_LEARNED * self._shortest, self._learned_cap)
                 if learned > earliest:
                     earliest = learned
             if earliest > due:
@@ -788,7 +826,7 @@ class Poller:
                 entry.polling = True
                 ids.append(entry.task_id)
             budget.spend(now)
-            request = loop.create_task(self._request(batch, ids))
+            request = loop.create_task(self._request(batch, ids, loop.time()))
             self._requests.add(request)
             request.add_done_callback(self._request_done)
 
@@ -813,22 +851,22 @@ class Poller:
 
     # --- one request ----------------------------------------------------------------
 
-    async def _request(self, batch: list[_Entry], ids: list[str]) -> None:
-        """One attempt for one batch; whatever happens, only its entries are affected."""
+    async def _request(self, batch: list[_Entry], ids: list[str], sent: float) -> None:
+        """One attempt for one batch; whatever happens, only its entries are affected
+        (unless the service refuses the account itself: then every waiter fails)."""
         try:
             records = await self._fetch(ids)
         except asyncio.CancelledError:
             raise
-        except POLL_FATAL as exc:
-            logger.error("polling stopped: %s", exc)
-            for entry in list(self._entries.values()):
-                self._fail(entry, exc)
-            return
-        except (BadRequestError, ResponseDecodeError) as exc:
-            self._refused(batch, exc)
-            return
         except NanoBananaError as exc:
-            self._request_failed(batch, exc)
+            if self._refuses_everyone(exc, sent):
+                logger.error("polling stopped: %s", exc)
+                for entry in list(self._entries.values()):
+                    self._fail(entry, exc)
+            elif isinstance(exc, BadRequestError | ResponseDecodeError):
+                self._refused(batch, exc, sent)
+            else:
+                self._request_failed(batch, exc, sent)
             return
         except Exception as exc:  # a bug: fail this batch's waiters, not the loop
             logger.exception("a poll request failed unexpectedly")
@@ -901,7 +939,7 @@ class Poller:
             entry.update(task)
         return self._due(entry, now)
 
-    def _refused(self, batch: list[_Entry], exc: NanoBananaError) -> None:
+    def _refused(self, batch: list[_Entry], exc: NanoBananaError, sent: float) -> None:
         """A 400/413 or an unreadable answer: find the id the service refuses by halves.
 
         A 400/413 for one id alone fails its waiters at once. An unreadable answer may
@@ -917,7 +955,7 @@ class Poller:
             if isinstance(exc, BadRequestError) or entry.garbled >= _GARBLED:
                 self._fail(entry, exc)
             else:
-                self._request_failed(live, exc)
+                self._request_failed(live, exc, sent)
             return
         if not live:
             return
@@ -926,12 +964,33 @@ class Poller:
         self._splits.extend((live[:middle], live[middle:]))
         self._wake()
 
-    def _request_failed(self, batch: list[_Entry], exc: NanoBananaError) -> None:
+    def _refuses_everyone(self, exc: NanoBananaError, sent: float) -> bool:
+        """Whether ``exc`` fails every waiter: the service refused the account (a bad
+        token, no balance, a wrong base URL, a disabled API), by its own error code; or a
+        401/403/404 with no code (a proxy's page, say) came back ``_REFUSALS`` times in a
+        row, which no backoff is mending."""
+        if is_account_error(exc):
+            return True
+        if isinstance(exc, POLL_FATAL):
+            self._count_failure(sent)
+            return self._failures >= _REFUSALS
+        return False
+
+    def _count_failure(self, sent: float) -> None:
+        """One more failure in a row, unless the request went out before the last failure
+        was known: requests sent together fail together, and are one failure, not many."""
+        if sent > self._last_failure_at:
+            self._failures += 1
+            self._last_failure_at = asyncio.get_running_loop().time()
+
+    def _request_failed(self, batch: list[_Entry], exc: NanoBananaError, sent: float) -> None:
         """Put a failed request's entries back, after the loop's backoff; a 429 pauses
         the whole loop for the longer of its Retry-After and that backoff."""
         now = asyncio.get_running_loop().time()
-        self._failures += 1
-        delay = min(self._poll_interval * 2.0 ** min(self._failures - 1, 32), _MAX_FAILURE_WAIT)
+        if not isinstance(exc, POLL_FATAL):  # (those were counted when judged)
+            self._count_failure(sent)
+        failures = max(self._failures, 1)
+        delay = min(self._poll_interval * 2.0 ** min(failures - 1, 32), _MAX_FAILURE_WAIT)
         delay *= random.uniform(1.0, 1.25)  # the floor holds; spread only upwards
         if isinstance(exc, RateLimitError):
             delay = self._retry.lengthened(delay, exc)
@@ -941,6 +1000,12 @@ class Poller:
             entry.polling = False
             if self._live_entry(entry):
                 self._schedule(entry, now, delay)
+
+
+def _note_failures(error: BaseException, failed: list[tuple[str, BaseException]]) -> None:
+    """Name, on ``error``, the other tasks whose records could not be had."""
+    for task_id, outcome in failed:
+        error.add_note(f"task {task_id!r} failed too: {type(outcome).__name__}: {outcome}")
 
 
 def _remember(memory: OrderedDict[str, T], key: str, value: T) -> None:

@@ -71,6 +71,7 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
         'nanobanana_async.fleet needs the redis package: pip install "nanobanana-async[redis]"'
     ) from exc
 
+from ._checks import check_count, check_number
 from ._client import NanoBananaClient
 from ._converter import DecodeFailure, converter, structure
 from ._errors import ClientClosedError
@@ -186,11 +187,9 @@ class RedisRelay:
             raise TypeError("client must be a NanoBananaClient")
         if not isinstance(channel, str) or not channel:
             raise ValueError("channel must be a non-empty string")
-        if max_message_size < 1024 or max_reconnect_wait <= 0 or connect_timeout <= 0:
-            raise ValueError(
-                "max_message_size must be at least 1024 bytes, "
-                "max_reconnect_wait and connect_timeout positive"
-            )
+        max_message_size = check_count("max_message_size", max_message_size, minimum=1024)
+        max_reconnect_wait = check_number("max_reconnect_wait", max_reconnect_wait)
+        connect_timeout = check_number("connect_timeout", connect_timeout)
         self._client = client
         self.channel = channel
         self.max_message_size = max_message_size

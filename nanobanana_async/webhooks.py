@@ -65,6 +65,7 @@ from aiohttp import web
 from yarl import URL
 
 from . import _protocol
+from ._checks import check_count
 from ._client import NanoBananaClient
 from ._errors import ClientClosedError, NanoBananaError, TaskNotFoundError
 from ._models import Task
@@ -157,8 +158,9 @@ class CallbackReceiver:
         elif not isinstance(secret, str) or len(secret.strip()) < _MIN_SECRET_LENGTH:
             # Never echo the value: it is the secret, even when it is a bad one.
             raise ValueError(f"secret must be a string of at least {_MIN_SECRET_LENGTH} characters")
-        if max_body_size < 1 or max_concurrency < 1 or max_pending < 1:
-            raise ValueError("max_body_size, max_concurrency and max_pending must be positive")
+        max_body_size = check_count("max_body_size", max_body_size)
+        max_concurrency = check_count("max_concurrency", max_concurrency)
+        max_pending = check_count("max_pending", max_pending)
         self._client = client
         self._secret = secret
         self._secret_bytes = secret.encode()

@@ -416,3 +416,31 @@ def server_url_and_token() -> tuple[str, str]:
             return fake.base_url, fake.token
 
     return asyncio.run(closed_server())
+
+
+async def test_aclose_stops_api_calls_in_flight_at_once(
+    make_client: MakeClient, server: FakeNanoBanana
+) -> None:
+    # Found in review: a retrieve in flight ran to the client's timeout after aclose,
+    # then raised APITimeoutError.
+    server.inject("slow", delay=30, times=2)
+    client = make_client(timeout=20)
+    reading = asyncio.create_task(client.retrieve("x"))
+    submitting = asyncio.create_task(client.generate("a cat"))
+    await wait_for_requests(server, 2)
+    async with asyncio.timeout(5):
+        await client.aclose()
+        with pytest.raises(ClientClosedError):
+            await reading
+        with pytest.raises(ClientClosedError) as info:
+            await submitting
+    assert any("may have reached the service" in note for note in info.value.__notes__)
+    with pytest.raises(ClientClosedError) as closed:
+        await client.generate("a cat")
+    assert not getattr(closed.value, "__notes__", None)  # closed before: nothing was sent
+
+
+async def wait_for_requests(server: FakeNanoBanana, count: int) -> None:
+    async with asyncio.timeout(5):
+        while sum(server.counts.values()) < count:  # noqa: ASYNC110
+            await asyncio.sleep(0.01)

@@ -99,8 +99,10 @@ def test_bookkeeping_fields_of_a_finished_task_are_lenient(
     assert task.image_urls == ["https://i/0.png"]
 
 
-def test_a_null_image_beside_a_good_one_is_skipped() -> None:
-    record = {**SUCCEEDED, "response": {"success": True, "data": [None, {"image_url": "u"}]}}
+@pytest.mark.parametrize("bad", [None, "oops", 7, {"image_url": 42}, {"image_url": ["u"]}])
+def test_a_malformed_image_beside_a_good_one_is_skipped(bad: Any) -> None:
+    # A finished, paid task's good image must be reachable whatever sits beside it.
+    record = {**SUCCEEDED, "response": {"success": True, "data": [bad, {"image_url": "u"}]}}
     assert structure(record, Task).image_urls == ["u"]
 
 
@@ -109,6 +111,7 @@ def test_a_null_image_beside_a_good_one_is_skipped() -> None:
     [
         ({"success": True, "data": [{"image_url": 7}]}, r"\$\.response\.data\[0\]\.image_url"),
         ({"success": True, "data": [None, "https://x"]}, r"\$\.response\.data\[1\]"),
+        ({"success": True, "data": [{"image_url": 7}, 5]}, r"\$\.response\.data\[0\]"),
         ({"success": True, "data": "https://x"}, r"\$\.response\.data"),
         ({"success": "true"}, r"\$\.response\.success"),
         ({"success": False, "error": {"code": 403}}, r"\$\.response\.error\.code"),

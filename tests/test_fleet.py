@@ -466,8 +466,15 @@ async def test_a_relay_needs_an_explicit_shared_secret(
     async with NanoBananaClient("t", base_url="http://127.0.0.1:9") as other:
         with pytest.raises(ValueError, match="receiver's client"):
             CallbackReceiver(other, secret=SECRET, relay=a.relay)
-    for bad in ({"channel": ""}, {"max_message_size": 10}, {"max_reconnect_wait": 0}):
-        with pytest.raises(ValueError, match=r"channel|max_"):
+    for bad in (
+        {"channel": ""},
+        {"max_message_size": 10},
+        {"max_message_size": 4096.5},
+        {"max_reconnect_wait": 0},
+        {"max_reconnect_wait": float("nan")},
+        {"connect_timeout": float("inf")},
+    ):
+        with pytest.raises(ValueError, match=r"channel|max_|connect_timeout"):
             RedisRelay(a.client, redis_server.url, **bad)
     with pytest.raises(ValueError, match="redis://"):
         RedisRelay(a.client, "http://not-redis.example")

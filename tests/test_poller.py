@@ -24,12 +24,14 @@ from nanobanana_async import (
     AuthenticationError,
     BadRequestError,
     ClientClosedError,
+    NotFoundError,
     RateLimitError,
     ResponseDecodeError,
     RetryPolicy,
     ServerError,
     Task,
     TaskFailedError,
+    TaskNotFoundError,
     TaskState,
     TaskTimeoutError,
 )
@@ -206,14 +208,28 @@ async def test_a_request_is_topped_up_with_the_eager_tasks_due_next(service: Ser
 @on_fake_time
 async def test_learned_durations_skip_polls_no_young_task_could_answer(service: Service) -> None:
     poller = make_poller(service)
-    service.add("teacher", finish=10.0)
-    service.took["teacher"] = 10.0  # created_at/finished_at on the service's clock
+    service.add("teacher", finish=5.0)
+    service.took["teacher"] = 5.0  # created_at/finished_at on the service's clock
     await wait(poller, "teacher")
     started = now()
-    service.add("pupil", finish=started + 9.0)
+    service.add("pupil", finish=started + 4.5)
     await wait(poller, "pupil")
     first = service.polls_of("pupil")[0]
-    assert first == pytest.approx(started + 8.0)  # 0.8 x the shortest duration seen
+    assert first == pytest.approx(started + 4.0)  # 0.8 x the shortest duration seen
+
+
+@on_fake_time
+async def test_slow_tasks_do_not_teach_a_long_first_wait(service: Service) -> None:
+    # Found in review: 32 slow tasks made a fast task's first read 6.4 s late.
+    poller = make_poller(service)
+    service.add("slow", finish=60.0)
+    service.took["slow"] = 60.0
+    await wait(poller, "slow")
+    started = now()
+    service.add("fast", finish=started + 2.0)
+    await wait(poller, "fast")
+    # Learning holds a first read back by at most 4 x max_poll_interval (6 s).
+    assert service.polls_of("fast")[0] == pytest.approx(started + 6.0)
 
 
 # --- the request budget ----------------------------------------------------------------
@@ -351,6 +367,107 @@ async def test_a_fatal_error_fails_every_waiter_at_once(service: Service) -> Non
     results = await asyncio.gather(*(wait(poller, i) for i in ids), return_exceptions=True)
     assert all(isinstance(result, AuthenticationError) for result in results)
     assert now() == 2.5
+
+
+@on_fake_time
+async def test_a_proxy_page_once_fails_no_one_but_repeated_it_fails_everyone(
+    service: Service,
+) -> None:
+    # Found in review: one HTML 404 (no error code) failed every waiter of the client.
+    poller = make_poller(service, batch_size=1)
+    ids = [service.add(f"t{i}", finish=2.0) for i in range(4)]
+    pages = 1
+
+    async def proxy(batch: list[str]) -> None:
+        nonlocal pages
+        if pages:
+            pages -= 1
+            raise NotFoundError("404 Not Found", status=404)  # a page: no code
+
+    service.fault = proxy
+    results = await asyncio.gather(*(wait(poller, Target(i)) for i in ids))
+    assert all(task.done for task in results)
+
+    async def always(batch: list[str]) -> None:
+        raise NotFoundError("404 Not Found", status=404)
+
+    service.fault = always
+    ids = [service.add(f"u{i}", finish=60.0) for i in range(4)]
+    failures = await asyncio.gather(*(wait(poller, Target(i)) for i in ids), return_exceptions=True)
+    assert all(isinstance(failure, NotFoundError) for failure in failures)
+
+
+@on_fake_time
+async def test_an_account_400_fails_everyone_without_bisecting(service: Service) -> None:
+    # Found in review: a 400 token_mismatched was split id by id, 396 requests for 200.
+    poller = make_poller(service, batch_size=50)
+    ids = [service.add(f"t{i}") for i in range(200)]
+
+    async def mismatched(batch: list[str]) -> None:
+        raise BadRequestError("token mismatched", status=400, code="token_mismatched")
+
+    service.fault = mismatched
+    results = await asyncio.gather(*(wait(poller, i) for i in ids), return_exceptions=True)
+    assert all(isinstance(result, BadRequestError) for result in results)
+    assert len(service.calls) <= 4  # the first round's requests, no halves
+
+
+@on_fake_time
+async def test_requests_that_fail_together_count_as_one_failure(service: Service) -> None:
+    # Found in review: one Retry-After: 1 on 4 requests sent together paused 9.6 s.
+    poller = make_poller(service, batch_size=1)
+    ids = [service.add(f"t{i}", finish=2.0) for i in range(4)]
+
+    async def limit(batch: list[str]) -> None:
+        if len(service.calls) <= 4:  # the first four, sent together
+            raise RateLimitError("too many requests", retry_after=1.0)
+
+    service.fault = limit
+    await asyncio.gather(*(wait(poller, i) for i in ids))
+    first, after = service.calls[0][0], service.calls[4][0]
+    assert after - first <= 1.0 * 1.25 + 0.3  # one failure's pause, not four
+
+
+@on_fake_time
+async def test_an_eager_wait_on_a_lazily_watched_task_polls_it_now(service: Service) -> None:
+    # Found in review: the eager waiter waited out the lazy (callback) interval, 15 s.
+    poller = make_poller(service)
+    service.add("a", finish=1.0)
+    lazy = asyncio.create_task(wait(poller, Target("a", lazy=True)))
+    await asyncio.sleep(0.5)
+    task = await wait(poller, Target("a"))
+    assert task.done
+    assert now() < 3.0
+    await lazy
+
+
+@on_fake_time
+async def test_as_completed_yields_the_others_before_raising_for_a_bad_id(
+    service: Service,
+) -> None:
+    # Found in review: one unknown id ended as_completed for every other task.
+    poller = make_poller(service, not_found_grace=1.0)
+    good = [service.add(f"t{i}", finish=3.0) for i in range(5)]
+    targets = [Target(task_id) for task_id in [*good, "typo-id"]]
+    seen: list[str] = []
+
+    async def collect() -> None:
+        async for task in poller.as_completed(targets, timeout=60):
+            seen.append(task.id)
+
+    with pytest.raises(TaskNotFoundError):
+        await collect()
+    assert sorted(seen) == sorted(good)
+
+
+def test_a_remembered_callback_record_is_kept_without_its_request() -> None:
+    # Found in review: 1,024 remembered records with a 1 MB request held a gigabyte.
+    poller = make_poller(Service())
+    big = {"action": "edit", "image_urls": ["data:image/png;base64," + "A" * 1000]}
+    record = Task(id="x", finished_at=1.0, request=big)
+    assert not poller.feed(record, remember=True)
+    assert poller._recent["x"].request is None
+    assert poller._recent["x"].done
 
 
 # --- waiters -----------------------------------------------------------------------------

@@ -161,8 +161,13 @@ async def test_explicit_secret_is_used_and_checked(make_rig: RigFactory) -> None
         with pytest.raises(ValueError, match="secret") as info:
             CallbackReceiver(rig.client, secret=bad)
         assert bad not in str(info.value)
-    with pytest.raises(ValueError, match="positive"):
-        CallbackReceiver(rig.client, max_body_size=0)
+    for name, bad in (
+        ("max_body_size", 0),
+        ("max_concurrency", True),
+        ("max_pending", 2.5),
+    ):
+        with pytest.raises(ValueError, match=name):
+            CallbackReceiver(rig.client, **{name: bad})  # type: ignore[arg-type]
 
 
 # --------------------------------------------------------------------------- the fast path
