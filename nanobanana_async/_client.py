@@ -57,9 +57,7 @@ TaskRef = str | Submission | Task
 
 T = TypeVar("T")
 # A retrying wrapper of NanoBananaClient._exchange: (path, body, read) -> what read returns.
-_Exchange = Callable[
-    [str, dict[str, Any], Callable[[_protocol.RawResponse], Any]], Awaitable[Any]
-]
+_Exchange = Callable[[str, dict[str, Any], Callable[[_protocol.RawResponse], Any]], Awaitable[Any]]
 
 
 class NanoBananaClient:
@@ -435,7 +433,7 @@ class NanoBananaClient:
         failures, and sent without our Authorization header: images live on other hosts.
         Each attempt must finish within the client's ``timeout``, and the image must be
         at most ``max_bytes`` (64 MiB by default) of real PNG, JPEG, WebP, GIF, AVIF or
-        HEIC bytes; ``aclose`` stops it with ClientClosedError. With ``stem``, ``dest``
+        HEIC/HEIF bytes; ``aclose`` stops it with ClientClosedError. With ``stem``, ``dest``
         is a folder and the file is ``stem`` plus the extension of what the bytes are.
         """
         session = self._get_session()

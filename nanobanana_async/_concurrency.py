@@ -59,8 +59,6 @@ class InFlight:
             await asyncio.wait(tasks)
 
 
-
-
 async def gather_or_cancel(awaitables: Iterable[Awaitable[T]]) -> list[T]:
     """Results in order; on the first failure (or a cancel) cancel the rest, then raise.
 

@@ -33,7 +33,7 @@ from ._retry import RetryPolicy, is_retryable_download, retrying
 from ._sniff import SNIFF_BYTES, image_extension
 from ._transport import network_error
 
-__all__ = ["DEFAULT_MAX_BYTES", "download", "download_all"]
+__all__ = ["DEFAULT_MAX_BYTES", "download", "download_all", "safe_stem"]
 
 T = TypeVar("T")
 
@@ -89,7 +89,7 @@ async def download(
     text = os.fspath(dest)
     path = Path(text)
     if stem is not None:
-        safe = _safe_stem(stem)
+        safe = safe_stem(stem)
         if not safe:
             raise ValueError(f"stem must hold a letter or digit, got {stem!r}")
         return await _fetch(session, url, path, safe, policy=policy, limits=limits)
@@ -311,7 +311,7 @@ async def _save(
     extension = image_extension(head)
     if extension is None:
         raise DownloadError(
-            f"{shown} answered bytes that are not a PNG, JPEG, WebP, GIF, AVIF or HEIC image",
+            f"{shown} answered bytes that are not a PNG, JPEG, WebP, GIF, AVIF, HEIC or HEIF image",
             url=url,
             status=status,
         )
@@ -410,10 +410,10 @@ def _stem_for(url: str) -> str:
         parent = _sanitize(segments[-2])
         if parent:
             stem = f"{parent}_{stem}"
-    return _safe_stem(stem) or hashlib.sha256(url.encode()).hexdigest()[:16]
+    return safe_stem(stem) or hashlib.sha256(url.encode()).hexdigest()[:16]
 
 
-def _safe_stem(stem: str) -> str:
+def safe_stem(stem: str) -> str:
     """``stem`` as a safe file name stem, never a Windows device name; may be empty."""
     stem = _sanitize(stem)
     if stem and stem.split(".")[0].lower() in _RESERVED:

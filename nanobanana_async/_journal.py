@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import json
 import os
 import sqlite3
@@ -113,7 +114,13 @@ class Journal:
         try:
             return await asyncio.shield(future)
         except asyncio.CancelledError:
-            await asyncio.wait({future})
+            # Wait out the call even through further cancels (a second Ctrl-C), and
+            # fetch its error so that none is logged as "never retrieved".
+            while not future.done():
+                with contextlib.suppress(asyncio.CancelledError):
+                    await asyncio.wait({future})
+            if not future.cancelled():
+                future.exception()
             raise
 
     def _conn(self) -> sqlite3.Connection:

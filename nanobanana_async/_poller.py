@@ -1016,9 +1016,7 @@ def _remember(memory: OrderedDict[str, T], key: str, value: T) -> None:
         memory.popitem(last=False)
 
 
-async def call_on_update(
-    on_update: OnUpdate, task: Task, deadline: float | None = None
-) -> None:
+async def call_on_update(on_update: OnUpdate, task: Task, deadline: float | None = None) -> None:
     """Call ``on_update`` with ``task``, awaiting it (within the deadline) if async."""
     result = on_update(task)
     if inspect.isawaitable(result):

@@ -49,6 +49,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import json
 import logging
 import os
@@ -61,6 +62,7 @@ from typing import Any, Final
 import attrs
 from yarl import URL
 
+from . import _images
 from ._batch_records import (
     BatchChangedError,
     BatchJob,
@@ -70,7 +72,9 @@ from ._batch_records import (
     JobState,
     spec_text,
 )
+from ._checks import check_count, check_number
 from ._client import NanoBananaClient
+from ._download import safe_stem as _safe_stem
 from ._errors import (
     APIConnectionError,
     AuthenticationError,
@@ -81,7 +85,6 @@ from ._errors import (
     NotFoundError,
     PermissionDeniedError,
     RateLimitError,
-    TaskNotFoundError,
 )
 from ._journal import Journal, JournalBusyError, JournalEntry
 from ._models import ErrorDetail, Submission, Task
@@ -105,8 +108,12 @@ logger = logging.getLogger("nanobanana_async.batch")
 #: File name of each saved image: the job key, the image's index, the URL's extension.
 DEFAULT_NAME_TEMPLATE: Final = "{key}-{index}{ext}"
 
-_IMAGE_SUFFIXES: Final = frozenset({".png", ".jpg", ".jpeg", ".webp", ".gif", ".avif", ".heic"})
-_SAFE_KEY: Final = str.maketrans({c: "_" for c in '/\\:*?"<>|\0'})
+_IMAGE_SUFFIXES: Final = frozenset(
+    {".png", ".jpg", ".jpeg", ".webp", ".gif", ".avif", ".heic", ".heif"}
+)
+# A file key leaves room in the download's 100-character stem for "-{index}" and more.
+_MAX_KEY: Final = 80
+_KEY_DIGEST: Final = 10
 _REFUSED_CODE: Final = "forbidden"  # a prompt the content filter refuses: never retried
 
 
@@ -163,9 +170,16 @@ def _check_jobs(jobs: Sequence[BatchJob], *, downloads: bool) -> None:
 
 
 def _file_key(key: str) -> str:
-    """A job key as it goes into file names: no separators, nothing hidden."""
-    safe = key.translate(_SAFE_KEY)
-    return "_" + safe[1:] if safe.startswith(".") else safe
+    """A job key as it goes into file names: the download's own safe stem (letters,
+    digits, ``._-``, nothing hidden), so the name checked here is the name written.
+    A key that had to change (or is over 80 characters) gets a digest of itself, so
+    two keys never meet in one name ("a/b" and "a_b", or two long keys alike at first),
+    and the name keeps room for the template's ``-{index}`` within the 100 allowed."""
+    safe = _safe_stem(key)
+    if safe == key and len(key) <= _MAX_KEY:
+        return key
+    digest = hashlib.sha256(key.encode()).hexdigest()[:_KEY_DIGEST]
+    return f"{safe[: _MAX_KEY - _KEY_DIGEST - 1]}-{digest}" if safe else digest
 
 
 #: What ``on_submit`` receives: the job and the service's acknowledgment.
@@ -208,9 +222,10 @@ class BatchRunner:
     ``retries``: new submissions allowed per job after a failed task (over all runs).
     ``resubmit_unknown``: submit again jobs whose outcome is unknown (may pay twice).
     ``name_template``: image file names; fields ``{key}``, ``{index}``, ``{ext}``,
-    ``{task_id}``. ``download_timeout``: seconds allowed per image. ``on_submit``:
+    ``{task_id}``. ``download_timeout``: seconds allowed per image, or None. ``on_submit``:
     called with each job and its [`Submission`][nanobanana_async.Submission] as soon as
-    its task id is journaled.
+    the service answers, just before the journal records the task id (so the id gets
+    out even if that write fails).
     """
 
     def __init__(
@@ -228,14 +243,11 @@ class BatchRunner:
         download_timeout: float | None = 300.0,
         on_submit: OnSubmit | None = None,
     ) -> None:
-        if isinstance(max_in_flight, bool) or not isinstance(max_in_flight, int):
-            raise ValueError(f"max_in_flight must be an integer, got {max_in_flight!r}")
-        if max_in_flight < 1:
-            raise ValueError(f"max_in_flight must be at least 1, got {max_in_flight}")
-        if isinstance(retries, bool) or not isinstance(retries, int) or retries < 0:
-            raise ValueError(f"retries must be a non-negative integer, got {retries!r}")
-        if download_timeout is not None and not download_timeout > 0:
-            raise ValueError(f"download_timeout must be positive, got {download_timeout!r}")
+        check_count("max_in_flight", max_in_flight)
+        check_count("retries", retries, minimum=0)
+        if download_timeout is not None:
+            # A NaN or a bool would pass a bare "> 0"; a NaN deadline stalls the loop.
+            download_timeout = check_number("download_timeout", download_timeout)
         _check_template(name_template)
         self._jobs = list(jobs)
         _check_jobs(self._jobs, downloads=out is not None)
@@ -539,6 +551,20 @@ class BatchRunner:
         async with self._submit_lock:
             if self._fatal is not None:
                 return None  # the batch is stopping: leave the job as it is
+            try:
+                # Local files are read before the intent: a file that cannot be read
+                # fails this job alone, with nothing journaled (nothing was sent), so
+                # the next run tries it again once the file is fixed.
+                images = await _images.image_urls(job.image_urls) if job.image_urls else []
+            except (OSError, ValueError) as exc:
+                await self._finish(
+                    attrs.evolve(
+                        self._results[job.key],
+                        state=JobState.FAILED,
+                        error=_error("bad_image", str(exc)),
+                    )
+                )
+                return None
             attempt = self._results[job.key].attempts + 1
             try:
                 await self._journal.intend(job.key, spec_text(job), kind, attempt)
@@ -546,7 +572,7 @@ class BatchRunner:
                 # Stopped before the request went out: take the intent back.
                 await self._journal.withdraw(job.key, attempt)
                 raise
-            request = asyncio.ensure_future(self._request(job))
+            request = asyncio.ensure_future(self._request(job, images))
             stopping = False
             try:
                 outcome: Submission | NanoBananaError = await asyncio.shield(request)
@@ -566,13 +592,11 @@ class BatchRunner:
         if task_id is None:
             return None
         assert isinstance(outcome, Submission)
-        if self._on_submit is not None:
-            self._on_submit(job, outcome)
         return outcome
 
-    async def _request(self, job: BatchJob) -> Submission:
-        if job.image_urls:
-            return await self._client.edit(job.prompt, job.image_urls, **job.options)
+    async def _request(self, job: BatchJob, images: Sequence[str]) -> Submission:
+        if images:
+            return await self._client.edit(job.prompt, images, **job.options)
         return await self._client.generate(job.prompt, **job.options)
 
     async def _answered(
@@ -625,7 +649,22 @@ class BatchRunner:
                     task_ids=(*previous.task_ids, outcome.task_id),
                 )
             )
-            await self._journal.submitted(job.key, attempt, outcome.task_id, outcome.trace_id)
+            try:
+                # The caller hears of the task id first (the CLI prints it): should the
+                # journal write fail (a full disk), the id of a paid task still got out.
+                if self._on_submit is not None:
+                    self._on_submit(job, outcome)
+            finally:
+                try:
+                    await self._journal.submitted(
+                        job.key, attempt, outcome.task_id, outcome.trace_id
+                    )
+                except Exception as exc:
+                    exc.add_note(
+                        f"job {job.key!r} was submitted as task {outcome.task_id}, "
+                        "which the journal could not record"
+                    )
+                    raise
             return outcome.task_id
         # A 5xx, a timeout, an unreadable answer: the service may have made a task.
         error = _error_of(outcome)
@@ -650,30 +689,14 @@ class BatchRunner:
         without a record (an unknown id, or a read error that leaves it pending)."""
         try:
             task = await self._client.wait(ref, timeout=None)
-        except (TaskNotFoundError, BadRequestError) as exc:
-            # The service does not know the id, or refuses to read it: this job fails,
-            # with its task id kept in the journal and the manifest; no other job does.
-            if isinstance(exc, TaskNotFoundError):
-                error = _error("not_found", str(exc))
-            else:
-                error = _error(exc.code or "bad_request", exc.message)
-            await self._journal.finished(
-                job.key,
-                succeeded=False,
-                trace_id=None,
-                image_urls=(),
-                error=_error_json(error),
-                retryable=False,
-            )
-            await self._finish(
-                attrs.evolve(self._results[job.key], state=JobState.FAILED, error=error)
-            )
-            return None
         except _FATAL_READS as exc:
             raise _Fatal(exc) from exc
         except NanoBananaError as exc:
-            # A read error for this task alone: it stays pending in the journal, and
-            # the next run waits on it again.
+            # A read error for this task alone (an id the service does not know, or
+            # refuses to read, after the poll loop's grace and bisection; a timeout): no
+            # other job stops, and this one stays pending in the journal with its task
+            # id, so the next run waits on it again. Failing it for good would drop a
+            # task that may be paid for and finish later.
             result = attrs.evolve(
                 self._results[job.key], state=JobState.PENDING, error=_error_of(exc)
             )
@@ -714,22 +737,28 @@ class BatchRunner:
                     "index": index,
                     "task_id": result.task_id or "",
                 }
+                by_bytes = self._template.endswith("{ext}")  # the extension of the bytes
+                if by_bytes:
+                    name = self._template[: -len("{ext}")].format(**fields, ext="")
+                else:
+                    name = self._template.format(**fields, ext=_extension(url))
+                deadline = asyncio.timeout(self._download_timeout)
                 try:
-                    async with asyncio.timeout(self._download_timeout):
-                        if self._template.endswith("{ext}"):
-                            # The extension of what the bytes are, not of the URL's name.
-                            name = self._template[: -len("{ext}")].format(**fields, ext="")
-                            files.append(
-                                await self._client.download(url, self._out, stem=name)
-                            )
+                    async with deadline:
+                        if by_bytes:
+                            saved = await self._client.download(url, self._out, stem=name)
                         else:
-                            name = self._template.format(**fields, ext=_extension(url))
-                            files.append(await self._client.download(url, self._out / name))
-                except TimeoutError:
-                    message = f"saving {name} took over {self._download_timeout:g} s"
-                    error = _error("download_timeout", message)
+                            saved = await self._client.download(url, self._out / name)
+                    files.append(saved)
                 except (DownloadError, APIConnectionError, OSError, ValueError) as exc:
-                    error = _error("download_failed", str(exc))
+                    # The deadline says which timeout it was: an APITimeoutError (the
+                    # client's per-request timeout) is a TimeoutError too, as is any OSError
+                    # subclass of it; only ours means "took over download_timeout".
+                    if deadline.expired():
+                        message = f"saving {name} took over {self._download_timeout:g} s"
+                        error = _error("download_timeout", message)
+                    else:
+                        error = _error("download_failed", str(exc))
                 if error is not None:
                     break
         names = [path.name for path in files]
@@ -807,9 +836,7 @@ def _prepare_out(folder: Path, saved: Mapping[str, Sequence[Path]]) -> set[str]:
         with contextlib.suppress(OSError):
             leftover.unlink()
     # A succeeded task has at least one image, so no file at all means none was saved.
-    return {
-        key for key, paths in saved.items() if not paths or not all(p.is_file() for p in paths)
-    }
+    return {key for key, paths in saved.items() if not paths or not all(p.is_file() for p in paths)}
 
 
 def _append_line(path: Path, line: str) -> None:

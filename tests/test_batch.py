@@ -5,7 +5,9 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import stat
+import threading
 from collections.abc import Callable
 from contextlib import aclosing
 from pathlib import Path
@@ -318,11 +320,12 @@ async def test_a_run_killed_between_the_outcome_and_the_download_saves_on_rerun(
     assert server.counts["generate"] == 0
 
 
-async def test_an_id_the_service_refuses_fails_its_job_only(
+async def test_an_id_the_service_refuses_stays_pending_for_the_next_run(
     server: FakeNanoBanana, tmp_path: Path
 ) -> None:
-    """A 400 for one id: the poll loop fails only that wait, and so does the batch
-    (it stopped the whole batch for good: every rerun waited on the id again)."""
+    """A 400 for one id: the poll loop fails only that wait, and the batch keeps that
+    job pending with its task id (it once stopped the whole batch for good; failing
+    the job for good would drop a task that may be paid for and finish later)."""
     jobs = jobs_of("refused", "fine")
     refused = server.add_task(duration=0.05)
     server.inject("error", status=400, action="retrieve_batch", task_id=refused, times=1000)
@@ -333,13 +336,86 @@ async def test_an_id_the_service_refuses_fails_its_job_only(
     await journal.aclose()
     async with fast_client(server) as client, runner(client, jobs, tmp_path) as batch:
         results = {result.job.key: result for result in await collect(batch)}
-    assert results["1"].state is JobState.FAILED
+    assert results["1"].state is JobState.PENDING
     assert results["1"].task_id == refused
     assert results["1"].error is not None
     assert results["1"].error.code == "bad_request"
     assert results["2"].state is JobState.SUCCEEDED
-    assert batch.summary.failed == 1
-    assert batch.summary.succeeded == 1
+    assert (batch.summary.pending, batch.summary.succeeded) == (1, 1)
+    assert [line["state"] for line in manifest(tmp_path)] == ["pending", "succeeded"]
+    server.clear_faults()
+    async with fast_client(server) as client, runner(client, jobs, tmp_path) as batch:
+        (result,) = await collect(batch)
+    assert result.state is JobState.SUCCEEDED
+    assert result.task_id == refused
+    assert (batch.summary.resumed, batch.summary.submitted) == (1, 0)
+
+
+async def test_an_unreadable_local_image_fails_its_job_only_and_unjournaled(
+    server: FakeNanoBanana, tmp_path: Path
+) -> None:
+    """A missing file once stopped the batch with the intent journaled, so the next
+    run called a job that was never sent "outcome unknown"."""
+    photo = tmp_path / "photo.png"
+    jobs = [BatchJob("edit", "make it blue", image_urls=[str(photo)]), BatchJob("gen", "a cat")]
+    async with fast_client(server) as client, runner(client, jobs, tmp_path) as batch:
+        results = {result.job.key: result for result in await collect(batch)}
+    assert results["edit"].state is JobState.FAILED
+    assert results["edit"].error is not None
+    assert results["edit"].error.code == "bad_image"
+    assert "photo.png" in (results["edit"].error.message or "")
+    assert results["gen"].state is JobState.SUCCEEDED
+    assert server.counts["edit"] == 0
+    photo.write_bytes(PNG_MAGIC + b"\0" * 64)
+    async with fast_client(server) as client, runner(client, jobs, tmp_path) as batch:
+        (result,) = await collect(batch)
+    assert result.state is JobState.SUCCEEDED
+    assert batch.summary.outcome_unknown == 0
+    (task,) = (task for task in server.tasks.values() if task.request["action"] == "edit")
+    assert task.request["image_urls"][0].startswith("data:image/png;base64,")
+
+
+async def test_the_task_id_is_journaled_even_when_on_submit_raises(
+    server: FakeNanoBanana, tmp_path: Path
+) -> None:
+    """``on_submit`` is called before the journal write; a failing callback stops the
+    batch, but the task id it was given is journaled, so the next run waits on it."""
+
+    def broken(job: BatchJob, submission: object) -> None:
+        raise RuntimeError("the caller's callback broke")
+
+    jobs = jobs_of("a cat")
+    async with fast_client(server) as client, runner(client, jobs, tmp_path, on_submit=broken) as b:
+        with pytest.raises(RuntimeError, match="callback broke"):
+            await collect(b)
+    async with fast_client(server) as client, runner(client, jobs, tmp_path) as batch:
+        (result,) = await collect(batch)
+    assert result.state is JobState.SUCCEEDED
+    assert (batch.summary.resumed, batch.summary.outcome_unknown) == (1, 0)
+    assert server.counts["generate"] == 1
+
+
+async def test_a_slow_image_is_a_download_failure_not_the_batch_timeout(
+    server: FakeNanoBanana, tmp_path: Path
+) -> None:
+    """The client's own per-request timeout (an APITimeoutError, also a TimeoutError)
+    was reported as the batch's ``download_timeout`` running out."""
+    server.inject_image("slow", delay=5.0, times=10)
+    jobs = jobs_of("a cat")
+    client = fast_client(server, timeout=0.2)
+    async with client, runner(client, jobs, tmp_path, download_timeout=60) as batch:
+        (result,) = await collect(batch)
+    assert result.state is JobState.DOWNLOAD_FAILED
+    assert result.error is not None
+    assert result.error.code == "download_failed"
+    async with (
+        fast_client(server) as client,
+        runner(client, jobs, tmp_path, download_timeout=0.1) as batch,
+    ):
+        (result,) = await collect(batch)  # the next run saves it: "slow" still queued
+    assert result.error is not None
+    assert result.error.code == "download_timeout"
+    assert "took over 0.1 s" in (result.error.message or "")
 
 
 async def test_an_error_no_job_can_pass_stops_the_batch_cleanly(
@@ -456,6 +532,11 @@ async def slow_server_batch() -> Any:
         ({"name_template": "{key}.png"}, "{index}"),
         ({"name_template": "../{key}-{index}"}, "plain"),
         ({"name_template": "{key}-{index}-{nope}"}, "unknown field"),
+        ({"max_in_flight": True}, "max_in_flight"),
+        ({"retries": 1.5}, "retries"),
+        ({"download_timeout": float("nan")}, "download_timeout"),
+        ({"download_timeout": True}, "download_timeout"),
+        ({"download_timeout": 0}, "download_timeout"),
     ],
 )
 def test_bad_options_raise_value_error(
@@ -473,7 +554,7 @@ def test_bad_jobs_raise_value_error(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="two jobs have the key"):
         runner(client, [BatchJob("1", "x"), BatchJob("1", "y")], tmp_path)
     with pytest.raises(ValueError, match="same file names"):
-        runner(client, [BatchJob("a/b", "x"), BatchJob("a_b", "y")], tmp_path)
+        runner(client, [BatchJob("Cat", "x"), BatchJob("cat", "y")], tmp_path)
     with pytest.raises(ValueError, match="key"):
         BatchJob("", "x")
 
@@ -497,8 +578,52 @@ async def test_keys_become_safe_file_names(server: FakeNanoBanana, tmp_path: Pat
         async with batch:
             await collect(batch)
     assert seen == ["../up", ".hidden"]
-    assert pngs(tmp_path) == ["_._up-0.png", "_hidden-0.png"]
+    up, hidden = sorted(pngs(tmp_path))
+    assert re.fullmatch(r"_up-[0-9a-f]{10}-0\.png", up)
+    assert re.fullmatch(r"hidden-[0-9a-f]{10}-0\.png", hidden)
+
+
+async def test_keys_that_differ_get_different_file_names(
+    server: FakeNanoBanana, tmp_path: Path
+) -> None:
+    """Keys were made safe twice (by the batch, then again by the download), so the
+    checked names were not the written ones: "a b" and "a_b" overwrote each other."""
+    long = "x" * 150
+    keys = ["a b", "a_b", "a/b", "é", "ü", long, long + "y", "z" * 99]
+    jobs = [BatchJob(key, f"picture {n}", count=2) for n, key in enumerate(keys)]
+    async with fast_client(server) as client, runner(client, jobs, tmp_path) as batch:
+        results = await collect(batch)
+    assert all(result.state is JobState.SUCCEEDED for result in results)
+    names = [path.name for result in results for path in result.files]
+    assert len(set(names)) == 2 * len(keys)
+    assert "a_b-0.png" in names  # a key that is already a safe name stays as it is
+    assert all(len(name) <= 100 for name in names)
 
 
 def pngs(folder: Path) -> list[str]:
     return sorted(path.name for path in folder.iterdir() if path.suffix == ".png")
+
+
+async def test_a_journal_call_ends_before_a_cancel_goes_on(tmp_path: Path) -> None:
+    """A second cancel (a second Ctrl-C) once let the caller go on while the write
+    still ran in the journal's thread."""
+    journal = Journal(tmp_path / "journal.sqlite3")
+    await journal.open()
+    release = threading.Event()
+    done: list[bool] = []
+
+    def slow_write() -> None:
+        release.wait(5)
+        done.append(True)
+
+    call = asyncio.ensure_future(journal.run_io(slow_write))
+    await asyncio.sleep(0.05)
+    for _ in range(2):
+        call.cancel()
+        await asyncio.sleep(0.05)
+    assert not call.done()
+    release.set()
+    with pytest.raises(asyncio.CancelledError):
+        await asyncio.wait_for(call, WAIT)
+    assert done == [True]
+    await journal.aclose()

@@ -414,6 +414,25 @@ async def test_tasks_wait_timeout_lists_pending(cli: Cli, slow_server: FakeNanoB
     assert done not in line
 
 
+@pytest.mark.parametrize(
+    ("command", "action"), [("wait", "retrieve_batch"), ("download", "retrieve")]
+)
+async def test_the_timeout_covers_the_first_read(
+    cli: Cli, server: FakeNanoBanana, tmp_path: Path, command: str, action: str
+) -> None:
+    """The first read of ``tasks wait`` and the read of ``tasks download`` ran outside
+    ``--timeout``: a service that held its answer held the command past it."""
+    task_id = server.add_task(duration=0)
+    server.inject("slow", action=action, delay=60.0, times=10)
+    argv = ["tasks", command, task_id, "--out", str(tmp_path), "--timeout", "0.3", "--json"]
+    result = await cli(server, *argv)
+    assert result.code == 4
+    assert result.out == ""  # nothing was read
+    line = one_line_error(result)
+    assert "timed out after 0.3 s with 1 task still pending" in line
+    assert task_id in line
+
+
 async def test_tasks_wait_empty_stdin_is_a_usage_error(cli: Cli, server: FakeNanoBanana) -> None:
     result = await cli(server, "tasks", "wait", "-", stdin="  \n")
     assert result.code == 2

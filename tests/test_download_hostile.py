@@ -458,7 +458,9 @@ async def test_svg_is_never_saved(
 ) -> None:
     task = await finished(client, server)
     server.inject_image("svg")
-    with pytest.raises(DownloadError, match="not a PNG, JPEG, WebP, GIF, AVIF or HEIC") as caught:
+    with pytest.raises(
+        DownloadError, match="not a PNG, JPEG, WebP, GIF, AVIF, HEIC or HEIF"
+    ) as caught:
         await client.download(task.image_urls[0], tmp_path)
     assert caught.value.status == 200
     assert len(server.image_requests) == 1

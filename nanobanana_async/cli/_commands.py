@@ -115,7 +115,9 @@ async def _submit_and_wait(ctx: Context, image_urls: list[str] | None) -> int:
             output.note(f"Wait for it with: {ctx.wait_command([task_id])}")
             return ExitCode.OK
         # The submission itself, not its id: the poll loop then knows the task is new.
-        timed_out = await _follow(client, ctx, [submission], args.out_path, single=True)
+        timed_out = await _follow(
+            client, ctx, [submission], args.out_path, _deadline(args.timeout), single=True
+        )
     return _conclude(ctx, timed_out=timed_out)
 
 
@@ -159,11 +161,13 @@ async def _follow(
     ctx: Context,
     targets: Sequence[str | Submission | Task],
     folder: Path | None,
+    when: float,
     *,
     single: bool = False,
 ) -> bool:
-    """Wait for every task and save each one's images as it succeeds, all within the
-    command's ``--timeout``; returns whether that deadline ran out."""
+    """Wait for every task and save each one's images as it succeeds, all before
+    ``when`` (the loop's clock: the command's ``--timeout``); returns whether that
+    deadline ran out."""
     ids = [_id_of(target) for target in targets]
     ctx.waiting = [
         task_id
@@ -171,7 +175,7 @@ async def _follow(
         if not isinstance(target, Task) or not target.done
     ]
     show = ctx.output.waiting_for(ids[0]) if single else ctx.output.waiting_for_many(len(ids))
-    deadline = asyncio.timeout(ctx.args.timeout)
+    deadline = asyncio.timeout_at(when)
     try:
         with show as tracker:
             async with deadline:
@@ -183,6 +187,12 @@ async def _follow(
             raise
         return True
     return False
+
+
+def _deadline(timeout: float) -> float:
+    """When the command's ``--timeout`` runs out, on the event loop's clock: one
+    deadline for every step of a command (a first read, the waits, the downloads)."""
+    return asyncio.get_running_loop().time() + timeout
 
 
 def _id_of(target: str | Submission | Task) -> str:
@@ -351,19 +361,28 @@ async def tasks_wait(ctx: Context) -> int:
     ids: list[str] = args.ids
     ctx.order = list(ids)
     ctx.waiting = list(ids)  # a stop during the first look still says how to resume
+    when = _deadline(args.timeout)
     async with make_client(args) as client:
-        targets = await _first_look(client, ctx, ids)
-        timed_out = await _follow(client, ctx, targets, args.out_path)
+        targets = await _first_look(client, ctx, ids, when)
+        timed_out = await _follow(client, ctx, targets, args.out_path, when)
     return _conclude(ctx, timed_out=timed_out)
 
 
-async def _first_look(client: NanoBananaClient, ctx: Context, ids: list[str]) -> list[str | Task]:
+async def _first_look(
+    client: NanoBananaClient, ctx: Context, ids: list[str], when: float
+) -> list[str | Task]:
     """Read the tasks once before waiting: finished ones need no more requests, and an
     id the service does not list (yet) is named, with how long it is waited for."""
+    deadline = asyncio.timeout_at(when)
     try:
-        found = (await client.retrieve_batch(ids)).items
+        async with deadline:
+            found = (await client.retrieve_batch(ids)).items
     except (AuthenticationError, PermissionDeniedError):
         raise
+    except TimeoutError:
+        if not deadline.expired():
+            raise
+        return list(ids)  # the --timeout ran out: the waits report every id pending
     except NanoBananaError:
         return list(ids)  # the waits will read them; this look was only a courtesy
     records = {task.id: task for task in found}
@@ -387,24 +406,27 @@ async def tasks_download(ctx: Context) -> int:
     ids: list[str] = args.ids
     folder: Path = args.out_path
     ctx.order = list(ids)
+    # One deadline for the read and the downloads: the --timeout covers the command.
+    deadline = asyncio.timeout(args.timeout)
+    timed_out = False
     async with make_client(args) as client:
-        found = await _read(client, ids)
-        for task_id in ids:
-            task = found.get(task_id)
-            ctx.track(TaskReport.of(task) if task is not None else TaskReport.not_found(task_id))
-        done = [task for task in found.values() if task.failure is None and task.done]
-        deadline = asyncio.timeout(args.timeout)
-        timed_out = False
         try:
-            with ctx.output.busy(f"Saving the images of {len(done)} task(s) to {folder}"):
-                async with deadline:
+            async with deadline:
+                found = await _read(client, ids)
+                for task_id in ids:
+                    task = found.get(task_id)
+                    ctx.track(
+                        TaskReport.of(task) if task is not None else TaskReport.not_found(task_id)
+                    )
+                done = [task for task in found.values() if task.failure is None and task.done]
+                with ctx.output.busy(f"Saving the images of {len(done)} task(s) to {folder}"):
                     await gather_or_cancel(
                         _save(client, ctx, task.id, task.image_urls, folder) for task in done
                     )
         except TimeoutError:
             if not deadline.expired():
                 raise
-            timed_out = True
+            timed_out = True  # a task not read in time is reported as still pending
     hint = (
         "{count} task(s) still pending: nothing to save yet. Wait for them and save "
         f"their images with: {ctx.command_line(['tasks', 'wait'], ['--out', str(folder)])} "
@@ -469,7 +491,7 @@ async def demo(ctx: Context) -> int:
                 f"with retrieve_batch, and saves the images to {folder}."
             )
             ids = [submission.task_id for submission in submissions]
-            timed_out = await _follow(client, ctx, list(ids), folder)
+            timed_out = await _follow(client, ctx, list(ids), folder, _deadline(ctx.args.timeout))
     ctx.print_reports()
     failed = sum(report.failed for report in ctx.reports())
     output.note(
