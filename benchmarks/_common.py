@@ -173,6 +173,13 @@ class RemoteFake:
             RemoteTask(t["id"], t["finishes_at_wall"], t["image_urls"]) for t in answer["tasks"]
         ]
 
+    async def task(self, task_id: str) -> RemoteTask:
+        """A task the server holds (one submitted by a client, say), by id."""
+        answer = await self.call("task", id=task_id)
+        if "error" in answer:
+            raise KeyError(answer["error"])
+        return RemoteTask(answer["id"], answer["finishes_at_wall"], answer["image_urls"])
+
     async def counts(self) -> dict[str, int]:
         """The server's request counter by action."""
         return dict((await self.call("stats"))["counts"])
@@ -235,6 +242,18 @@ async def _serve(options: dict[str, Any]) -> None:
                         }
                     )
                 answer({"tasks": created})
+            elif op == "task":
+                known = server.tasks.get(command["id"])
+                if known is None:
+                    answer({"error": f"no task {command['id']!r}"})
+                else:
+                    answer(
+                        {
+                            "id": known.id,
+                            "finishes_at_wall": known.finishes_at_wall,
+                            "image_urls": known.image_urls,
+                        }
+                    )
             elif op == "stats":
                 answer(
                     {

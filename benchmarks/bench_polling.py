@@ -16,20 +16,32 @@ the same durations; sides run one after the other):
   a bot reply): ``await_completion(submission)`` on a fresh ``NanoBananaClient`` per task vs
   a fresh SDK client per task. Targets: median delay at most 0.6x the SDK's, at most 1.5x
   its requests per task.
+* ``cli``: 10 tasks (4..10 s), each submitted and waited on by a process of its own,
+  started 0.3 s apart: ``python -m nanobanana_async generate PROMPT --json`` vs a script
+  calling the SDK's ``images.generate(prompt=..., action="generate", async_=True,
+  wait=True)`` (answer at once with the task id, then poll every 3 s). The delay runs
+  from the task's ``finished_at`` to the process's exit, as a shell script sees it.
+  Target: median delay at most 0.6x the SDK's. For information, a third row runs the
+  SDK's default, synchronous submission (no ``async``: the service holds the request
+  until the image is done and answers with it). It answers sooner, but a request held
+  10 to 120 s trips proxies, and a connection lost meanwhile loses the id of a task
+  that is paid for, so this client never submits that way.
 
 Delay = the waiter's return (``time.time()``) minus the task's ``finished_at`` on the
 server (the same clock). Client CPU is ``time.process_time`` here (the server runs in its
 own process), measured with tracemalloc off.
 
     pip install -r benchmarks/requirements.txt
-    python benchmarks/bench_polling.py [--n 200 2000] [--sdk-max 200] [--single 30]
+    python benchmarks/bench_polling.py [--n 200 2000] [--sdk-max 200] [--single 30] [--cli 10]
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import statistics
+import sys
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
@@ -109,8 +121,10 @@ def sdk_side(per_task_client: bool) -> Side:
         from acedatacloud import AsyncAceDataCloud  # type: ignore[import-untyped]
 
         urls: dict[str, list[str]] = {}
-        shared = None if per_task_client else AsyncAceDataCloud(
-            api_token=server.token, base_url=server.base_url
+        shared = (
+            None
+            if per_task_client
+            else AsyncAceDataCloud(api_token=server.token, base_url=server.base_url)
         )
 
         async def one(task: RemoteTask) -> None:
@@ -159,6 +173,96 @@ async def run_side(
     )
 
 
+# The SDK's own one-call generate-and-wait, in a process of its own like the CLI.
+SDK_SCRIPT = """
+import asyncio, json, sys
+from acedatacloud import AsyncAceDataCloud
+
+async def main():
+    sdk = AsyncAceDataCloud(api_token=sys.argv[1], base_url=sys.argv[2])
+    held = sys.argv[4] == "held"  # the SDK's default: a synchronous, held request
+    record = await sdk.images.generate(
+        prompt=sys.argv[3], action="generate", async_=None if held else True,
+        wait=True, max_wait=120,
+    )
+    print(json.dumps({"id": record.get("task_id") or record.get("id")}))
+
+asyncio.run(main())
+"""
+CLI_STAGGER = 0.3  # seconds between process starts: interpreter start-ups not all at once
+
+
+def ours_cli(server: RemoteFake, prompt: str) -> list[str]:
+    return [
+        sys.executable, "-m", "nanobanana_async", "--token", server.token,
+        "--base-url", server.base_url, "generate", prompt, "--json",
+    ]  # fmt: skip
+
+
+def sdk_cli(server: RemoteFake, prompt: str) -> list[str]:
+    return [sys.executable, "-c", SDK_SCRIPT, server.token, server.base_url, prompt, "poll"]
+
+
+def sdk_held_cli(server: RemoteFake, prompt: str) -> list[str]:
+    return [sys.executable, "-c", SDK_SCRIPT, server.token, server.base_url, prompt, "held"]
+
+
+def task_id_of(side: str, stdout: bytes) -> str:
+    document = json.loads(stdout)
+    return str(document["tasks"][0]["id"] if side == "ours" else document["id"])
+
+
+async def run_cli_side(
+    name: str, side: str, n: int, duration: tuple[float, float], seed: int
+) -> SideResult:
+    """``n`` processes, each submitting one task and waiting for it, 0.3 s apart."""
+    command = {"ours": ours_cli, "sdk": sdk_cli, "sdk-held": sdk_held_cli}[side]
+    async with RemoteFake(duration=duration, seed=seed) as server:
+        before = await server.stats()
+        wall0 = time.perf_counter()
+        delays: list[float] = []
+        wrong = errors = 0
+
+        async def one(index: int) -> None:
+            nonlocal wrong, errors
+            await asyncio.sleep(index * CLI_STAGGER)
+            process = await asyncio.create_subprocess_exec(
+                *command(server, f"picture {index}"),
+                stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.PIPE,
+            )
+            stdout, stderr = await process.communicate()
+            exited = time.time()
+            try:
+                task = await server.task(task_id_of(side, stdout))
+            except (ValueError, KeyError, IndexError) as exc:
+                print(f"  {name}: process {index} failed ({exc!r}): {stderr.decode()[-300:]}")
+                errors += 1
+                return
+            delays.append(exited - task.finishes_at_wall)
+            if side == "ours" and json.loads(stdout)["tasks"][0]["image_urls"] != task.image_urls:
+                wrong += 1
+
+        async with asyncio.timeout(DEADLINE):
+            await asyncio.gather(*(one(index) for index in range(n)))
+        wall = time.perf_counter() - wall0
+        after = await server.stats()
+    reads = ("retrieve", "retrieve_batch")
+    requests = sum(after["counts"].get(a, 0) - before["counts"].get(a, 0) for a in reads)
+    return SideResult(
+        name=name,
+        tasks=n,
+        requests=requests,
+        ids_polled=requests,
+        delays=delays,
+        client_cpu=float("nan"),  # spent in the child processes
+        server_cpu=after["cpu"] - before["cpu"],
+        wall=wall,
+        wrong_urls=wrong + errors,
+        errors=errors,
+    )
+
+
 def percentile(values: Sequence[float], q: int) -> float:
     if len(values) < 2:
         return values[0] if values else float("nan")
@@ -194,9 +298,7 @@ async def main(args: argparse.Namespace) -> None:
     for n in args.n:
         seed = 1000 + n
         scenario = f"many, N={n}"
-        ours = await run_side(
-            "this client", ours_many, n, MANY_DURATION, "retrieve_batch", seed
-        )
+        ours = await run_side("this client", ours_many, n, MANY_DURATION, "retrieve_batch", seed)
         rows.append(row(scenario, ours))
         checks.append(
             (
@@ -267,6 +369,27 @@ async def main(args: argparse.Namespace) -> None:
                 f"{n - ours.wrong_urls}/{n} right",
             ),
         ]
+    if args.cli:
+        n = args.cli
+        scenario = f"CLI, {n} processes"
+        seed = 5000 + n
+        ours = await run_cli_side("nanobanana generate", "ours", n, SINGLE_DURATION, seed)
+        sdk = await run_cli_side("SDK, async + 3 s polls", "sdk", n, SINGLE_DURATION, seed)
+        held = await run_cli_side("SDK, held request (info)", "sdk-held", n, SINGLE_DURATION, seed)
+        rows += [row(scenario, ours), row(scenario, sdk), row(scenario, held)]
+        ours_median, sdk_median = median(ours.delays), median(sdk.delays)
+        checks += [
+            (
+                f"CLI: median delay to the process's exit at most {DELAY_RATIO}x the SDK's",
+                ours_median <= DELAY_RATIO * sdk_median,
+                f"{ours_median:.3f} s vs {sdk_median:.3f} s = {ratio(ours_median, sdk_median)}",
+            ),
+            (
+                "CLI: every process prints its own task's URLs",
+                ours.wrong_urls == 0 and ours.errors == 0 and sdk.errors + held.errors == 0,
+                f"{n - ours.wrong_urls}/{n} right",
+            ),
+        ]
 
     print(
         "this client vs the official SDK's AsyncTasks.wait: fake server in a child process; "
@@ -301,6 +424,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--single", type=int, default=30, help="single-wait tasks (0: skip that scenario)"
+    )
+    parser.add_argument(
+        "--cli", type=int, default=10, help="CLI processes, one task each (0: skip)"
     )
     parser.add_argument(
         "--max-poll-interval", type=float, help="this client's max_poll_interval (default: its own)"
