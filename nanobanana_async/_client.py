@@ -28,17 +28,20 @@ from . import _addresses, _download, _images, _protocol, _transport
 from ._checks import check_count, check_number, check_timeout
 from ._concurrency import InFlight, gather_or_cancel
 from ._errors import (
-    APIConnectionError,
     ClientClosedError,
     NanoBananaError,
-    ResponseDecodeError,
-    ServerError,
     TaskFailedError,
     TaskNotFoundError,
 )
 from ._models import Submission, Task, TaskBatch, TaskState
 from ._poller import OnUpdate, Poller, Target
-from ._retry import RetryPolicy, is_retryable_read, is_retryable_submission, retrying
+from ._retry import (
+    RetryPolicy,
+    is_retryable_read,
+    is_retryable_submission,
+    may_have_created_task,
+    retrying,
+)
 from ._version import __version__
 
 __all__ = ["BASE_URL_ENV", "DEFAULT_BASE_URL", "TOKEN_ENV", "NanoBananaClient", "TaskRef"]
@@ -324,7 +327,7 @@ class NanoBananaClient:
         try:
             submission = await self._call(self._submit, _protocol.IMAGES_PATH, body, read)
         except NanoBananaError as exc:
-            if _may_have_created_task(exc):
+            if may_have_created_task(exc):
                 exc.add_note(
                     "The submission may have reached the service and created a task; "
                     "it was not retried, to avoid paying twice."
@@ -527,9 +530,12 @@ class NanoBananaClient:
     ) -> AsyncGenerator[Task, None]:
         """Yield each task's finished record once, as they finish (failed ones too).
 
-        After ``timeout`` seconds in all, raises TaskTimeoutError for a task still
-        pending and stops waiting on the rest. Leaving the loop early ends the waits
-        (at once with ``contextlib.aclosing``, else when the iterator is collected).
+        A task whose record cannot be had (an unknown id, a refused one) does not end
+        the loop for the others: its error is raised once they are all yielded, with
+        notes naming the other tasks that failed. After ``timeout`` seconds in all,
+        raises TaskTimeoutError for a task still pending and stops waiting on the rest.
+        Leaving the loop early ends the waits (at once with ``contextlib.aclosing``,
+        else when the iterator is collected).
         """
         targets = [_target(task) for task in tasks]
         timeout = check_timeout("timeout", timeout)
@@ -561,11 +567,3 @@ def _target(task: TaskRef) -> Target:
     if isinstance(task, Task):
         return Target(_protocol.check_task_id(task.id), known=task)
     return Target(_protocol.check_task_id(task))
-
-
-def _may_have_created_task(exc: NanoBananaError) -> bool:
-    if isinstance(exc, APIConnectionError):
-        return exc.request_sent
-    # ClientClosedError here: closed while the request was out (closed before raises
-    # earlier), so the service may have taken it.
-    return isinstance(exc, ServerError | ResponseDecodeError | ClientClosedError)

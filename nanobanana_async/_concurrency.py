@@ -45,7 +45,8 @@ class InFlight:
             closed_under_us = self._closed and task.cancelled()
             if closed_under_us and (caller is None or not caller.cancelling()):
                 raise ClientClosedError(
-                    f"the NanoBananaClient was closed during the {self._what}"
+                    f"the NanoBananaClient was closed during the {self._what}",
+                    request_sent=True,  # under way: it may have gone out
                 ) from None
             raise
 

@@ -268,7 +268,23 @@ def _rebuild_task_timeout(
 
 
 class ClientClosedError(NanoBananaError):
-    """The client was closed before the call, or while a wait was in progress."""
+    """The client was closed before the call, or while it (or a wait) was in progress.
+
+    ``request_sent`` is True when the close came while the call was under way: its
+    request may have gone out (a submission may have created a task); False when the
+    client was already closed and nothing was sent.
+    """
+
+    def __init__(self, message: str, *, request_sent: bool = False) -> None:
+        self.request_sent = request_sent
+        super().__init__(message)
+
+    def __reduce__(self) -> tuple[object, ...]:
+        return (_rebuild_closed, (str(self), self.request_sent))
+
+
+def _rebuild_closed(message: str, request_sent: bool) -> ClientClosedError:
+    return ClientClosedError(message, request_sent=request_sent)
 
 
 class DownloadError(NanoBananaError):

@@ -16,6 +16,7 @@ import asyncio
 import concurrent.futures
 import contextlib
 import json
+import logging
 import os
 import sqlite3
 import time
@@ -28,6 +29,8 @@ import attrs
 __all__ = ["JOURNAL_STATES", "Journal", "JournalBusyError", "JournalEntry"]
 
 T = TypeVar("T")
+
+logger = logging.getLogger("nanobanana_async.batch")
 
 _SCHEMA_VERSION: Final = "1"
 _SCHEMA: Final = """
@@ -114,13 +117,14 @@ class Journal:
         try:
             return await asyncio.shield(future)
         except asyncio.CancelledError:
-            # Wait out the call even through further cancels (a second Ctrl-C), and
-            # fetch its error so that none is logged as "never retrieved".
+            # Wait out the call even through further cancels (a second Ctrl-C): a
+            # SQLite write takes milliseconds, and the caller must not go on before it.
+            # The cancel wins over the call's own error, which is logged, not lost.
             while not future.done():
                 with contextlib.suppress(asyncio.CancelledError):
                     await asyncio.wait({future})
-            if not future.cancelled():
-                future.exception()
+            if not future.cancelled() and (error := future.exception()) is not None:
+                logger.error("a journal write failed while the batch was stopping: %r", error)
             raise
 
     def _conn(self) -> sqlite3.Connection:

@@ -12,15 +12,18 @@ When the soonest entry is due, a round goes out: the entries due within a short 
 (``poll_interval / 4``), oldest-due first, in ``retrieve_batch`` requests of
 ``batch_size`` ids, the last one topped up with the eager entries due next (a request
 costs the same for 1 id or 50). Tasks submitted together thus share requests. At most
-``max_requests_per_second`` requests go out in any one-second window, however many
-tasks are watched; what does not fit waits, oldest-due first.
+``max_requests_per_second`` requests go out in any window of 1.05 s (a second and a
+margin for the network's jitter), in bursts of a quarter of it, however many tasks are
+watched; what does not fit waits, oldest-due first.
 
 The loop owns its retries: each request is one attempt (``FetchBatch``) run as a task
 of its own, so a slow or hung request holds only its own ids, never the next round. A
 failed request puts only its ids back, after the loop's own backoff; a 429 pauses the
-whole loop for the longer of its ``Retry-After`` and that backoff; 401/403/404 fail
-every waiter at once (``_retry.POLL_FATAL``). A 400/413 or an unreadable answer is split
-in halves until the one id the service refuses is found: only its waiter fails.
+whole loop for the longer of its ``Retry-After`` and that backoff. An answer that
+refuses the account by the service's own error code (``_retry.is_account_error``) fails
+every waiter at once; a 401/403/404 with no code (a proxy's page) does so only after
+three in a row. A 400/413 or an unreadable answer is split in halves until the one id
+the service refuses is found: only its waiter fails.
 
 The loop runs as one asyncio task, started by the first waiter and ending when the
 last one leaves. Due times live in heaps (eager and lazy entries apart), waiters'
@@ -90,6 +93,7 @@ _MAX_FAILURE_WAIT = 30.0  # cap on the loop's own backoff after failed requests
 _MAX_IN_FLIGHT = 32  # requests running at once
 _GARBLED = 3  # unreadable answers in a row, for one id alone, that fail its waiters
 _REFUSALS = 3  # code-less 401/403/404 answers in a row that fail every waiter
+_NOTED_FAILURES = 10  # other failed tasks named on as_completed's error, at most
 _RECENT_LIMIT = 1024  # callbacks remembered for waits not started yet
 _SLACK = 0.001  # seconds: due this soon is due now
 _WINDOW_S = 1.05  # the budget's window: a second, and a margin for the network's jitter
@@ -435,6 +439,8 @@ class Poller:
         self._paused_until = 0.0
         self._failures = 0  # failed requests in a row: the loop's backoff exponent
         self._last_failure_at = -math.inf  # when the last counted failure was known
+        self._refusals = 0  # code-less 401/403/404 answers in a row (see _refuses_everyone)
+        self._last_refusal_at = -math.inf
         self._durations: deque[float] = deque(maxlen=_DURATIONS)
         self._shortest: float | None = None
         self._closed = False
@@ -875,7 +881,7 @@ class Poller:
                 if self._live_entry(entry):
                     self._fail(entry, exc)
             return
-        self._failures = 0
+        self._failures = self._refusals = 0
         now = asyncio.get_running_loop().time()
         get = records.get
         capped = now + self._max_poll_interval
@@ -968,12 +974,18 @@ class Poller:
         """Whether ``exc`` fails every waiter: the service refused the account (a bad
         token, no balance, a wrong base URL, a disabled API), by its own error code; or a
         401/403/404 with no code (a proxy's page, say) came back ``_REFUSALS`` times in a
-        row, which no backoff is mending."""
+        row, with no other answer between them, which no backoff is mending."""
         if is_account_error(exc):
             return True
         if isinstance(exc, POLL_FATAL):
             self._count_failure(sent)
-            return self._failures >= _REFUSALS
+            # Counted apart from the backoff's failures: two 5xx then one page are not
+            # three refusals. Requests sent together that fail together count once.
+            if sent > self._last_refusal_at:
+                self._refusals += 1
+                self._last_refusal_at = asyncio.get_running_loop().time()
+            return self._refusals >= _REFUSALS
+        self._refusals = 0
         return False
 
     def _count_failure(self, sent: float) -> None:
@@ -1003,9 +1015,12 @@ class Poller:
 
 
 def _note_failures(error: BaseException, failed: list[tuple[str, BaseException]]) -> None:
-    """Name, on ``error``, the other tasks whose records could not be had."""
-    for task_id, outcome in failed:
+    """Name, on ``error``, the other tasks whose records could not be had: the first
+    ``_NOTED_FAILURES`` of them, then how many more (a refused token fails them all)."""
+    for task_id, outcome in failed[:_NOTED_FAILURES]:
         error.add_note(f"task {task_id!r} failed too: {type(outcome).__name__}: {outcome}")
+    if len(failed) > _NOTED_FAILURES:
+        error.add_note(f"and {len(failed) - _NOTED_FAILURES} more tasks failed too")
 
 
 def _remember(memory: OrderedDict[str, T], key: str, value: T) -> None:

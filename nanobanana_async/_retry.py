@@ -28,22 +28,27 @@ from ._errors import (
     APIError,
     AuthenticationError,
     BadRequestError,
+    ClientClosedError,
     DownloadError,
     NanoBananaError,
     NotFoundError,
     PermissionDeniedError,
     RateLimitError,
+    ResponseDecodeError,
     ServerError,
 )
 
 __all__ = [
     "ACCOUNT_CODES",
+    "NO_API",
     "POLL_FATAL",
+    "REFUSED_CONTENT",
     "RetryPolicy",
     "is_account_error",
     "is_retryable_download",
     "is_retryable_read",
     "is_retryable_submission",
+    "may_have_created_task",
     "retrying",
 ]
 
@@ -62,7 +67,10 @@ POLL_FATAL = (AuthenticationError, PermissionDeniedError, NotFoundError)
 ACCOUNT_CODES: Final = frozenset(
     {"token_mismatched", "no_token", "disabled", "api_not_implemented"}
 )
-_REFUSED_CONTENT: Final = "forbidden"  # a 403 for one prompt's content, not the account
+#: The 404 code for "no such API here": a wrong base URL, alike for every request.
+NO_API: Final = "no_api"
+#: The 403 code for one prompt's content (the content filter), not the account.
+REFUSED_CONTENT: Final = "forbidden"
 
 
 def is_account_error(exc: BaseException) -> bool:
@@ -74,10 +82,14 @@ def is_account_error(exc: BaseException) -> bool:
     """
     if not isinstance(exc, APIError) or exc.code is None:
         return False
-    if isinstance(exc, AuthenticationError | NotFoundError):
-        return True
+    if isinstance(exc, AuthenticationError):
+        return True  # any code: a 401 is about the token
+    if isinstance(exc, NotFoundError):
+        # "no_api": no such API here (a wrong base URL). Another code on a 404 is not
+        # documented, so it is not trusted to speak for the whole account.
+        return exc.code == NO_API
     if isinstance(exc, PermissionDeniedError):
-        return exc.code != _REFUSED_CONTENT
+        return exc.code != REFUSED_CONTENT
     return isinstance(exc, BadRequestError) and exc.code in ACCOUNT_CODES
 
 
@@ -191,6 +203,15 @@ def is_retryable_submission(exc: Exception) -> bool:
     if isinstance(exc, RateLimitError):
         return True
     return isinstance(exc, APIConnectionError) and not exc.request_sent
+
+
+def may_have_created_task(exc: NanoBananaError) -> bool:
+    """Whether a submission that raised ``exc`` may still have created (and billed) a
+    task: a 5xx, an unreadable answer, or a request cut off once it went out. A refusal
+    status (400, 401, 403, 404, 429) says for certain that it did not."""
+    if isinstance(exc, APIConnectionError | ClientClosedError):
+        return exc.request_sent
+    return isinstance(exc, ServerError | ResponseDecodeError)
 
 
 # An image host's answers worth another GET: timeouts, rate limits, server errors.

@@ -88,7 +88,7 @@ from ._errors import (
 )
 from ._journal import Journal, JournalBusyError, JournalEntry
 from ._models import ErrorDetail, Submission, Task
-from ._retry import POLL_FATAL, is_account_error
+from ._retry import POLL_FATAL, REFUSED_CONTENT, is_account_error, may_have_created_task
 
 __all__ = [
     "DEFAULT_NAME_TEMPLATE",
@@ -114,7 +114,6 @@ _IMAGE_SUFFIXES: Final = frozenset(
 # A file key leaves room in the download's 100-character stem for "-{index}" and more.
 _MAX_KEY: Final = 80
 _KEY_DIGEST: Final = 10
-_REFUSED_CODE: Final = "forbidden"  # a prompt the content filter refuses: never retried
 
 
 def _error(code: str | None, message: str | None) -> ErrorDetail:
@@ -192,10 +191,6 @@ _STATES: Final = {
     "download_failed": JobState.DOWNLOAD_FAILED,
     "succeeded": JobState.SUCCEEDED,
 }
-# Errors of a wait that no other job could get past either: the poll loop's fatal set
-# (a bad token, no balance, a wrong base URL), or a closed client. A 400 is not among
-# them: the poll loop fails only the wait on the id the service refuses.
-_FATAL_READS: Final = (*POLL_FATAL, ClientClosedError)
 
 
 class _Fatal(Exception):
@@ -535,7 +530,7 @@ class BatchRunner:
                     await self._save(job, task.image_urls)
                     return
                 if (
-                    failure.code == _REFUSED_CODE
+                    failure.code == REFUSED_CONTENT
                     or self._retries_done.get(job.key, 0) >= self._retries
                 ):
                     await self._finish(attrs.evolve(self._results[job.key], state=JobState.FAILED))
@@ -608,7 +603,7 @@ class BatchRunner:
         write (which still lands) must not leave the manifest behind the journal.
         """
         previous = self._results[job.key]
-        if isinstance(outcome, NanoBananaError):
+        if isinstance(outcome, NanoBananaError) and not may_have_created_task(outcome):
             if _stops_the_batch(outcome):
                 # Certainly no task was made (refused as a whole, or never reached the
                 # service): take the intent back, so the next run submits this job anew.
@@ -682,6 +677,10 @@ class BatchRunner:
         self._set(result)
         await self._journal.unknown(job.key, _error_json(error))
         await self._finish(result)
+        if _stops_the_batch(outcome):
+            # The client was closed with the request out, say: the job is journaled as
+            # an unknown outcome (a task may exist), and the batch stops.
+            raise _Fatal(outcome)
         return None
 
     async def _wait(self, job: BatchJob, ref: str | Submission) -> Task | None:
@@ -689,9 +688,9 @@ class BatchRunner:
         without a record (an unknown id, or a read error that leaves it pending)."""
         try:
             task = await self._client.wait(ref, timeout=None)
-        except _FATAL_READS as exc:
-            raise _Fatal(exc) from exc
         except NanoBananaError as exc:
+            if _stops_the_batch_when_read(exc):
+                raise _Fatal(exc) from exc
             # A read error for this task alone (an id the service does not know, or
             # refuses to read, after the poll loop's grace and bisection; a timeout): no
             # other job stops, and this one stays pending in the journal with its task
@@ -718,7 +717,7 @@ class BatchRunner:
             trace_id=task.trace_id,
             image_urls=task.image_urls,
             error=_error_json(failure) if failure is not None else None,
-            retryable=failure is not None and failure.code != _REFUSED_CODE,
+            retryable=failure is not None and failure.code != REFUSED_CONTENT,
         )
         return task
 
@@ -730,13 +729,10 @@ class BatchRunner:
             return
         files: list[Path] = []
         error: ErrorDetail | None = None
+        file_key = _file_key(job.key)
         async with self._downloads:
             for index, url in enumerate(image_urls):
-                fields = {
-                    "key": _file_key(job.key),
-                    "index": index,
-                    "task_id": result.task_id or "",
-                }
+                fields = {"key": file_key, "index": index, "task_id": result.task_id or ""}
                 by_bytes = self._template.endswith("{ext}")  # the extension of the bytes
                 if by_bytes:
                     name = self._template[: -len("{ext}")].format(**fields, ext="")
@@ -815,12 +811,23 @@ class BatchRunner:
 
 
 def _stops_the_batch(exc: NanoBananaError) -> bool:
-    """Errors no job can get past, and that certainly created no task."""
+    """Errors of a submission that no other job could get past either."""
     if isinstance(exc, APIConnectionError):
-        return not exc.request_sent
+        return not exc.request_sent  # the service could not be reached at all
     if is_account_error(exc):  # a bad token, no balance, a disabled API: alike for all
         return True
+    if isinstance(exc, PermissionDeniedError):
+        # Only the content filter's 403 is about this job's prompt; a 403 page with
+        # no code (a proxy's, say) is no verdict on the job: stop, and keep it to retry.
+        return exc.code != REFUSED_CONTENT
     return isinstance(exc, AuthenticationError | NotFoundError | RateLimitError | ClientClosedError)
+
+
+def _stops_the_batch_when_read(exc: NanoBananaError) -> bool:
+    """Errors of a wait that no other job could get past either: what the poll loop
+    fails every waiter with (a refused account, a wrong base URL), or a closed client.
+    A 400 for one id is not among them: the poll loop fails only the wait on it."""
+    return isinstance(exc, (*POLL_FATAL, ClientClosedError)) or is_account_error(exc)
 
 
 def _prepare_out(folder: Path, saved: Mapping[str, Sequence[Path]]) -> set[str]:

@@ -16,7 +16,13 @@ from typing import Any
 import pytest
 from conftest import FAST
 
-from nanobanana_async import AuthenticationError, NanoBananaClient
+from nanobanana_async import (
+    AuthenticationError,
+    BadRequestError,
+    ClientClosedError,
+    NanoBananaClient,
+    PermissionDeniedError,
+)
 from nanobanana_async._batch_records import spec_text
 from nanobanana_async._journal import Journal
 from nanobanana_async.batch import (
@@ -432,6 +438,65 @@ async def test_an_error_no_job_can_pass_stops_the_batch_cleanly(
         await collect(batch)
     assert batch.summary.submitted == 2  # the refused intent was withdrawn, not "unknown"
     assert batch.summary.complete
+
+
+async def test_a_proxy_403_page_stops_the_batch_and_the_jobs_stay_to_submit(
+    server: FakeNanoBanana, tmp_path: Path
+) -> None:
+    """A 403 with no error code is no verdict on one prompt: it once failed every job
+    for good (refused, not retryable), and the rerun skipped them all."""
+    server.inject("html", status=403, action="generate", times=10)
+    jobs = jobs_of("a", "b", "c")
+    async with fast_client(server) as client, runner(client, jobs, tmp_path) as batch:
+        with pytest.raises(PermissionDeniedError):
+            await collect(batch)
+    assert batch.summary.failed == 0
+    server.clear_faults()
+    async with fast_client(server) as client, runner(client, jobs, tmp_path) as batch:
+        await collect(batch)
+    assert (batch.summary.submitted, batch.summary.succeeded) == (3, 3)
+
+
+async def test_a_client_closed_during_a_submission_leaves_an_unknown_outcome(
+    server: FakeNanoBanana, tmp_path: Path
+) -> None:
+    """The request was out when the client closed: the service may have made the task.
+    The intent was once withdrawn as if nothing had been sent, so the next run paid
+    again and nothing recorded the first task."""
+    server.inject("slow", action="generate", delay=2.0)
+    jobs = jobs_of("a cat")
+    client = fast_client(server)
+    async with client, runner(client, jobs, tmp_path) as batch:
+        running = asyncio.ensure_future(collect(batch))
+        async with asyncio.timeout(WAIT):
+            while not server.counts["generate"]:  # noqa: ASYNC110
+                await asyncio.sleep(0.01)
+        await client.aclose()
+        with pytest.raises(ClientClosedError) as caught:
+            await running
+    assert caught.value.request_sent
+    assert batch.summary.outcome_unknown == 1
+    async with fast_client(server) as client, runner(client, jobs, tmp_path) as batch:
+        (result,) = await collect(batch)
+    assert result.state is JobState.OUTCOME_UNKNOWN
+    assert batch.summary.submitted == 0
+    assert server.counts["generate"] == 1
+
+
+async def test_an_account_refusal_while_waiting_stops_the_batch(
+    server: FakeNanoBanana, tmp_path: Path
+) -> None:
+    """A 400 token_mismatched fails every waiter of the poll loop; the batch took it
+    for one task's read error and ran to its end with every job pending."""
+    jobs = jobs_of("a", "b")
+    server.inject(
+        "error", status=400, code="token_mismatched", action="retrieve_batch", times=100
+    )
+    async with fast_client(server) as client, runner(client, jobs, tmp_path) as batch:
+        with pytest.raises(BadRequestError):
+            await collect(batch)
+    assert batch.summary.pending == 2
+    assert batch.summary.submitted == 2
 
 
 async def test_changed_jobs_are_refused_before_any_submission(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import base64
 import io
@@ -18,6 +19,9 @@ import pytest
 
 from nanobanana_async import NanoBananaClient, RetryPolicy
 from nanobanana_async.cli import main
+from nanobanana_async.cli._commands import _first_look
+from nanobanana_async.cli._console import Output
+from nanobanana_async.cli._context import Context
 from nanobanana_async.cli._main import main_async
 from nanobanana_async.testing import FakeNanoBanana, make_png
 
@@ -431,6 +435,22 @@ async def test_the_timeout_covers_the_first_read(
     line = one_line_error(result)
     assert "timed out after 0.3 s with 1 task still pending" in line
     assert task_id in line
+
+
+async def test_a_request_timeout_on_the_first_read_falls_back_to_waiting(
+    server: FakeNanoBanana,
+) -> None:
+    """The first look is a courtesy: the client's own per-request timeout (an
+    APITimeoutError, also a TimeoutError) was taken for the --timeout and raised."""
+    task_id = server.add_task(duration=0)
+    server.inject("slow", action="retrieve_batch", delay=5.0, times=10)
+    ctx = Context(argparse.Namespace(not_found_grace=30.0), Output(json_mode=True))
+    client = NanoBananaClient(
+        server.token, base_url=server.base_url, timeout=0.2, retry=RetryPolicy.no_wait()
+    )
+    async with client:
+        when = asyncio.get_running_loop().time() + 60
+        assert await _first_look(client, ctx, [task_id], when) == [task_id]
 
 
 async def test_tasks_wait_empty_stdin_is_a_usage_error(cli: Cli, server: FakeNanoBanana) -> None:

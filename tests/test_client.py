@@ -435,9 +435,11 @@ async def test_aclose_stops_api_calls_in_flight_at_once(
         with pytest.raises(ClientClosedError) as info:
             await submitting
     assert any("may have reached the service" in note for note in info.value.__notes__)
+    assert info.value.request_sent
     with pytest.raises(ClientClosedError) as closed:
         await client.generate("a cat")
     assert not getattr(closed.value, "__notes__", None)  # closed before: nothing was sent
+    assert not closed.value.request_sent
 
 
 async def wait_for_requests(server: FakeNanoBanana, count: int) -> None:

@@ -398,6 +398,42 @@ async def test_a_proxy_page_once_fails_no_one_but_repeated_it_fails_everyone(
 
 
 @on_fake_time
+async def test_5xx_answers_do_not_count_toward_the_refusals(service: Service) -> None:
+    # Found in review: two 502s then one proxy 404 page failed every waiter, as the
+    # refusals were counted with the backoff's failures of any kind.
+    poller = make_poller(service, batch_size=50)  # one request a round: failures in a row
+    ids = [service.add(f"t{i}", finish=30.0) for i in range(4)]
+    script = [ServerError("bad gateway", status=502)] * 2 + [
+        NotFoundError("404 Not Found", status=404)
+    ]
+
+    async def flaky(batch: list[str]) -> None:
+        if script:
+            raise script.pop(0)
+
+    service.fault = flaky
+    results = await asyncio.gather(*(wait(poller, Target(i)) for i in ids))
+    assert all(task.done for task in results)
+
+
+@on_fake_time
+async def test_as_completed_names_at_most_ten_other_failures(service: Service) -> None:
+    poller = make_poller(service, batch_size=50)
+    ids = [service.add(f"t{i}") for i in range(30)]
+
+    async def refuse(batch: list[str]) -> None:
+        raise AuthenticationError("token is invalid.", status=401, code="invalid_token")
+
+    service.fault = refuse
+    with pytest.raises(AuthenticationError) as caught:
+        async for _ in poller.as_completed([Target(i) for i in ids], timeout=None):
+            pass
+    notes = caught.value.__notes__
+    assert len(notes) == 11
+    assert notes[-1] == "and 19 more tasks failed too"
+
+
+@on_fake_time
 async def test_an_account_400_fails_everyone_without_bisecting(service: Service) -> None:
     # Found in review: a 400 token_mismatched was split id by id, 396 requests for 200.
     poller = make_poller(service, batch_size=50)

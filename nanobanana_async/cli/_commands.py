@@ -379,12 +379,14 @@ async def _first_look(
             found = (await client.retrieve_batch(ids)).items
     except (AuthenticationError, PermissionDeniedError):
         raise
+    except NanoBananaError:
+        # The waits will read them; this look was only a courtesy. (Before the
+        # TimeoutError clause: an APITimeoutError is a TimeoutError too.)
+        return list(ids)
     except TimeoutError:
         if not deadline.expired():
             raise
         return list(ids)  # the --timeout ran out: the waits report every id pending
-    except NanoBananaError:
-        return list(ids)  # the waits will read them; this look was only a courtesy
     records = {task.id: task for task in found}
     for task in found:
         ctx.track(TaskReport.of(task))
