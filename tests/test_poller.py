@@ -355,15 +355,16 @@ async def test_a_5xx_puts_back_only_its_request_with_backoff(service: Service) -
     assert service.polls_of("fine") == [0.0, 1.0]
 
 
+async def refuse_the_token(batch: list[str]) -> None:
+    """A fault: the service refuses the token (a 401 with its own code)."""
+    raise AuthenticationError("token is invalid.", status=401, code="invalid_token")
+
+
 @on_fake_time
 async def test_a_fatal_error_fails_every_waiter_at_once(service: Service) -> None:
     poller = make_poller(service, batch_size=2)
     ids = [service.add(f"t{i}") for i in range(6)]
-
-    async def refuse(batch: list[str]) -> None:
-        raise AuthenticationError("token is invalid.", status=401, code="invalid_token")
-
-    service.fault = refuse
+    service.fault = refuse_the_token
     results = await asyncio.gather(*(wait(poller, i) for i in ids), return_exceptions=True)
     assert all(isinstance(result, AuthenticationError) for result in results)
     assert now() == 2.5
@@ -420,11 +421,7 @@ async def test_5xx_answers_do_not_count_toward_the_refusals(service: Service) ->
 async def test_as_completed_names_at_most_ten_other_failures(service: Service) -> None:
     poller = make_poller(service, batch_size=50)
     ids = [service.add(f"t{i}") for i in range(30)]
-
-    async def refuse(batch: list[str]) -> None:
-        raise AuthenticationError("token is invalid.", status=401, code="invalid_token")
-
-    service.fault = refuse
+    service.fault = refuse_the_token
     with pytest.raises(AuthenticationError) as caught:
         async for _ in poller.as_completed([Target(i) for i in ids], timeout=None):
             pass
