@@ -421,12 +421,21 @@ def parse_task_batch(response: RawResponse, task_ids: Iterable[str] | None = Non
     return TaskBatch(items=tasks, count=len(tasks))
 
 
-def task_from_callback(payload: Any, *, received_at: float) -> Task:
+#: Callback bodies come from the internet: an id past this many characters is not one
+#: the service made (its ids are 36-character UUIDs), and a finished task has at most 4
+#: images. Bounds on what a forged body can make the receiver keep or work through.
+MAX_CALLBACK_ID_LENGTH: Final = 256
+MAX_CALLBACK_IMAGES: Final = 16
+
+
+def task_from_callback(payload: Any, *, received_at: float, id_only: bool = False) -> Task:
     """A callback body (``{success, task_id, trace_id, data | error}``) as a finished record.
 
     The service sends a callback only once a task is done, so the record is marked
     finished: a callback with no image URL makes a failed task, never a pending one.
-    Raises ResponseDecodeError (``status`` 0: no HTTP answer) for a malformed body.
+    With ``id_only`` (the body is only a hint to confirm with ``retrieve``) the rest
+    of the body is not structured at all: the record holds the id alone. Raises
+    ResponseDecodeError (``status`` 0: no HTTP answer) for a malformed body.
     """
     if isinstance(payload, bytes | str):
         parsed = _load_json(payload.encode() if isinstance(payload, str) else payload)
@@ -435,10 +444,29 @@ def task_from_callback(payload: Any, *, received_at: float) -> Task:
                 "callback body is not JSON", status=0, body_excerpt=_text_excerpt(payload)
             )
         payload = parsed
-    if not isinstance(payload, dict) or _wire_id(payload.get("task_id")) is None:
+    task_id = _wire_id(payload.get("task_id")) if isinstance(payload, dict) else None
+    if task_id is None or len(task_id) > MAX_CALLBACK_ID_LENGTH:
         raise ResponseDecodeError(
-            "callback body has no task_id string", status=0, body_excerpt=_text_excerpt(payload)
+            "callback body has no task_id string (of at most "
+            f"{MAX_CALLBACK_ID_LENGTH} characters)",
+            status=0,
+            body_excerpt=_text_excerpt(payload),
         )
+    # Cheap checks of the shape, in both modes: a body that is plainly not a callback
+    # is refused (400) before any work, whatever it would cost to structure.
+    data = payload.get("data")
+    if data is not None and not isinstance(data, list):
+        raise ResponseDecodeError(
+            "callback body's data is not a list", status=0, body_excerpt=_text_excerpt(payload)
+        )
+    if data is not None and len(data) > MAX_CALLBACK_IMAGES:
+        raise ResponseDecodeError(
+            f"callback body lists {len(data)} images; a task has at most 4",
+            status=0,
+            body_excerpt=_text_excerpt(payload),
+        )
+    if id_only:
+        return Task(id=task_id, finished_at=received_at)
     try:
         response = structure(payload, TaskResponse)
     except DecodeFailure as failure:

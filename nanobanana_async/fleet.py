@@ -20,7 +20,8 @@ With aiohttp, in a ``cleanup_ctx``::
 
 API
     ``RedisRelay(client, redis_url, *, channel="nanobanana-async",
-    max_message_size=256 KiB, max_reconnect_wait=5.0, connect_timeout=5.0)``;
+    max_message_size=256 KiB, max_reconnect_wait=5.0, connect_timeout=5.0,
+    keepalive=5.0)``;
     ``async with relay:`` or ``await start()`` / ``await aclose()``; ``await publish(task)
     -> bool``; ``connected``; ``await wait_connected()``; ``stats`` ([`RelayStats`][]).
 
@@ -30,8 +31,9 @@ Trust boundary
     our own Redis. So anyone who can ``PUBLISH`` to that Redis can finish any wait with
     image URLs of their choice: keep it private to the service (password or ACL, and
     ``rediss://`` TLS when it crosses a network you do not own). The channel carries
-    task records in the clear, with their image URLs and the prompt the task was
-    submitted with; anyone who can ``SUBSCRIBE`` reads them. Use one channel per
+    task records in the clear, with their image URLs and the prompts in them (never
+    the ``request`` echo, which holds the callback URL and its secret); anyone who can
+    ``SUBSCRIBE`` reads them. Use one channel per
     deployment (e.g. ``"nanobanana-async:prod"``) when environments share a Redis.
 
 Failures
@@ -41,8 +43,7 @@ Failures
     exponential backoff, and logs again once it is back; meanwhile waits whose callback
     reached another replica finish by polling. A message on the channel that is not a
     relayed record (foreign, malformed, oversized) is counted and dropped: it can finish
-    no wait and stops nothing. A record too large for ``max_message_size`` is sent
-    without its ``request`` echo (which can hold ``data:`` URLs), or not at all.
+    no wait and stops nothing. A record too large for ``max_message_size`` is not sent.
 """
 
 from __future__ import annotations
@@ -101,12 +102,15 @@ class RelayDecodeError(ValueError):
 
 
 def encode_record(task: Task, *, origin: str, max_size: int) -> bytes | None:
-    """One task record as a channel message, or None if it cannot fit in ``max_size``."""
+    """One task record as a channel message, or None if it cannot fit in ``max_size``.
+
+    The record goes without its ``request``: that echo of the submission holds the
+    ``callback_url`` (with the receivers' shared secret in it) and may hold ``data:``
+    URLs of megabytes, and a waiter needs the outcome, not the echo.
+    """
+    if task.request is not None:
+        task = attrs.evolve(task, request=None)
     message = _dump(task, origin)
-    if len(message) > max_size and task.request is not None:
-        # The request echoes the submission, which may hold data: URLs of megabytes;
-        # a waiter needs the outcome, not the echo.
-        message = _dump(attrs.evolve(task, request=None), origin)
     return message if len(message) <= max_size else None
 
 
@@ -171,6 +175,12 @@ class RedisRelay:
     [`CallbackReceiver`][nanobanana_async.webhooks.CallbackReceiver], which then needs an explicit
     ``secret`` shared by every replica. A replica without a receiver can still run a
     relay, to have its waits finished by callbacks other replicas receive.
+
+    ``connect_timeout`` bounds connecting, subscribing and each publish. A subscription
+    quiet for ``keepalive`` seconds is pinged: a connection cut without a reset (a NAT
+    or load balancer's idle timeout, a host gone) would otherwise leave the relay
+    "connected" and deaf; with no answer within ``connect_timeout`` it reconnects. A
+    publish that fails stops publishing until the subscription answers a ping.
     """
 
     def __init__(
@@ -182,6 +192,7 @@ class RedisRelay:
         max_message_size: int = 256 * 1024,
         max_reconnect_wait: float = 5.0,
         connect_timeout: float = 5.0,
+        keepalive: float = 5.0,
     ) -> None:
         if not isinstance(client, NanoBananaClient):
             raise TypeError("client must be a NanoBananaClient")
@@ -190,7 +201,9 @@ class RedisRelay:
         max_message_size = check_count("max_message_size", max_message_size, minimum=1024)
         max_reconnect_wait = check_number("max_reconnect_wait", max_reconnect_wait)
         connect_timeout = check_number("connect_timeout", connect_timeout)
+        keepalive = check_number("keepalive", keepalive)
         self._client = client
+        self._keepalive = keepalive
         self.channel = channel
         self.max_message_size = max_message_size
         self._max_reconnect_wait = max_reconnect_wait
@@ -209,6 +222,7 @@ class RedisRelay:
         self._up = asyncio.Event()
         self._tried = asyncio.Event()  # the first connection attempt is over
         self._down_reported = False
+        self._probe = False  # a publish failed: ping the subscription now
         self._connections = 0  # subscriptions made so far
         self._closed = False
         self.stats = RelayStats()
@@ -296,12 +310,17 @@ class RedisRelay:
         message = encode_record(task, origin=self._origin, max_size=self.max_message_size)
         if message is None:
             self.stats.unpublished += 1
-            logger.warning("task %r's record is too large to relay", task.id)
+            logger.debug("task %r's record is too large to relay", task.id)
             return False
         try:
-            await self._redis.publish(self.channel, message)
-        except (RedisError, OSError) as exc:
+            # Bounded: redis-py's one retry would otherwise double a hung Redis's wait.
+            async with asyncio.timeout(self._connect_timeout):
+                await self._redis.publish(self.channel, message)
+        except (RedisError, OSError) as exc:  # TimeoutError included
             self.stats.unpublished += 1
+            # Publish no more until the listener has checked the connection (a ping).
+            self._up.clear()
+            self._probe = True
             self._report_down(exc)
             return False
         self.stats.published += 1
@@ -339,15 +358,33 @@ class RedisRelay:
     async def _listen(self) -> None:
         pubsub = self._redis.pubsub()
         try:
-            await pubsub.subscribe(self.channel)
+            async with asyncio.timeout(self._connect_timeout):
+                await pubsub.subscribe(self.channel)
             await self._confirmed(pubsub)
             self._report_up()
+            heard = time.monotonic()  # when Redis last said anything on this connection
+            pinged: float | None = None  # when an unanswered ping went out
+            self._probe = False
             while True:
                 message = await pubsub.get_message(
                     ignore_subscribe_messages=True, timeout=_READ_WAKEUP
                 )
-                if message is not None and message.get("type") == "message":
-                    self._on_message(message.get("data"))
+                now = time.monotonic()
+                if message is not None:
+                    heard, pinged = now, None
+                    if not self._up.is_set():  # a failed publish had suspected the link
+                        self._report_up()
+                    if message.get("type") == "message":
+                        self._on_message(message.get("data"))
+                    continue
+                if pinged is not None:
+                    if now - pinged > self._connect_timeout:
+                        raise TimeoutError("Redis did not answer a ping: the link is dead")
+                elif self._probe or now - heard >= self._keepalive:
+                    self._probe = False
+                    async with asyncio.timeout(self._connect_timeout):
+                        await pubsub.ping()
+                    pinged = now
         finally:
             self._up.clear()
             with contextlib.suppress(Exception):
@@ -397,7 +434,7 @@ class RedisRelay:
             self._report_down(exc)
 
     def _report_down(self, exc: BaseException) -> None:
-        if self._down_reported:
+        if self._down_reported or self._closed:
             return
         self._down_reported = True
         logger.warning(

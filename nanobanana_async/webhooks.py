@@ -24,7 +24,7 @@ returns::
     return Response(status_code=await receiver.receive(body, secret=secret))
 
 API
-    ``CallbackReceiver(client, *, secret=None, verify=True, max_body_size=256 KiB,
+    ``CallbackReceiver(client, *, secret=None, verify=True, max_body_size=64 KiB,
     max_concurrency=32, max_pending=4096, relay=None)``; ``callback_url(public_url) -> str``;
     ``await receive(body, *, secret) -> int``; ``await handle(request) -> web.Response``
     (an aiohttp handler); ``add_route(app, path=DEFAULT_PATH)``; ``await drain()``;
@@ -140,7 +140,7 @@ class CallbackReceiver:
         *,
         secret: str | None = None,
         verify: bool = True,
-        max_body_size: int = 256 * 1024,
+        max_body_size: int = 64 * 1024,
         max_concurrency: int = 32,
         max_pending: int = 4096,
         relay: RedisRelay | None = None,
@@ -171,6 +171,8 @@ class CallbackReceiver:
         self._active: dict[str, asyncio.Task[None]] = {}
         self._relay = relay
         self._closed = False
+        self._overloaded = False  # max_pending reached: logged once until half drained
+        self._failing = False  # confirmations failing: logged once until one works
         self.stats = ReceiverStats()
 
     def __repr__(self) -> str:
@@ -283,7 +285,9 @@ class CallbackReceiver:
 
     def _unauthorized(self) -> int:
         self.stats.unauthorized += 1
-        logger.info("a callback with a wrong or missing secret was refused")
+        # Anyone can send these: the first is worth a line, the rest are counted.
+        level = logging.INFO if self.stats.unauthorized == 1 else logging.DEBUG
+        logger.log(level, "a callback with a wrong or missing secret was refused (401)")
         return 401
 
     def _accept(self, body: bytes | str) -> int:
@@ -292,7 +296,12 @@ class CallbackReceiver:
             self.stats.rejected += 1
             return 503
         try:
-            claim = _protocol.task_from_callback(body, received_at=time.time())
+            # With verify, the body is only a hint: its id is all that is kept (the
+            # record comes from retrieve), so a large forged body costs no structuring
+            # and no memory while it waits for a slot.
+            claim = _protocol.task_from_callback(
+                body, received_at=time.time(), id_only=self.verify
+            )
         except (RecursionError, NanoBananaError) as exc:
             self.stats.malformed += 1
             logger.debug("malformed callback body refused: %s", type(exc).__name__)
@@ -303,10 +312,14 @@ class CallbackReceiver:
             return 200
         if len(self._active) >= self.max_pending:
             self.stats.rejected += 1
-            logger.warning(
-                "%d callbacks already queued: refusing one, polling will finish its task",
-                len(self._active),
-            )
+            # Once per overload, not once per refused delivery (a flood would flood the log).
+            if not self._overloaded:
+                self._overloaded = True
+                logger.warning(
+                    "%d callbacks already queued: refusing more (503) until half are "
+                    "handled; polling will finish their tasks",
+                    len(self._active),
+                )
             return 503
         task = asyncio.get_running_loop().create_task(
             self._resolve(claim), name=f"nanobanana-async callback {task_id}"
@@ -319,22 +332,30 @@ class CallbackReceiver:
     def _forget(self, task_id: str, task: asyncio.Task[None]) -> None:
         if self._active.get(task_id) is task:
             del self._active[task_id]
+        if self._overloaded and len(self._active) <= self.max_pending // 2:
+            self._overloaded = False
 
     async def _resolve(self, claim: Task) -> None:
         """Hand one accepted body to the client; every outcome is counted, none raised."""
         task_id = claim.id
+        to_relay: Task | None = None
         try:
             async with self._limit:
                 # Parsed once, in _accept: hand the claim on rather than the body.
-                if self._relay is not None and self._relay.connected:
-                    result = await self._relay_claim(claim, self._relay)
+                relay = self._relay
+                if relay is not None and relay.connected:
+                    result, to_relay = await self._relay_claim(claim)
                 else:  # alone, or Redis is down: nobody else would hear of it
                     result = await self._client._feed_claim(claim, verify=self.verify)
         except ClientClosedError:
             self.stats.ignored += 1
         except NanoBananaError as exc:
             self.stats.failed += 1
-            logger.warning(
+            # Once per run of failures (the service down fails every delivery alike).
+            level = logging.DEBUG if self._failing else logging.WARNING
+            self._failing = True
+            logger.log(
+                level,
                 "could not confirm the callback for task %r, polling carries on: %s",
                 task_id,
                 exc,
@@ -343,14 +364,20 @@ class CallbackReceiver:
             self.stats.failed += 1
             logger.exception("handling the callback for task %r failed", task_id)
         else:
+            self._failing = False
             if result is None:
                 self.stats.ignored += 1
             else:
                 self.stats.resolved += 1
                 logger.debug("callback finished task %r", task_id)
+        # Published outside the slot: a slow Redis must not hold up deliveries whose
+        # waiters are here (publish is bounded by the relay's connect_timeout).
+        if to_relay is not None and self._relay is not None and await self._relay.publish(to_relay):
+            self.stats.relayed += 1
 
-    async def _relay_claim(self, claim: Task, relay: RedisRelay) -> Task | None:
-        """Confirm a delivery whoever waits on it, settle waiters here, tell the others.
+    async def _relay_claim(self, claim: Task) -> tuple[Task | None, Task | None]:
+        """Confirm a delivery whoever waits on it and settle waiters here; returns the
+        record that finished a wait here (or None) and the record to relay (or None).
 
         Only this replica reads the task: the others trust the relayed record.
         """
@@ -359,11 +386,9 @@ class CallbackReceiver:
             try:
                 record = await self._client.retrieve(claim.id)
             except TaskNotFoundError:
-                return None  # forged, or another account's id: nothing to relay
+                return None, None  # forged, or another account's id: nothing to relay
         resolved = self._client._feed_relayed(record)
-        if await relay.publish(record):
-            self.stats.relayed += 1
-        return record if resolved else None
+        return (record if resolved else None), record
 
     # --- lifecycle --------------------------------------------------------------------
 

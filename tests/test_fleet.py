@@ -198,20 +198,26 @@ tasks = st.builds(
 
 
 @given(tasks)
-def test_a_record_survives_the_channel(task: Task) -> None:
+def test_a_record_survives_the_channel_without_its_request(task: Task) -> None:
     message = encode_record(task, origin="me", max_size=MAX_SIZE)
     assert message is not None
-    assert decode_record(message, max_size=MAX_SIZE) == ("me", task)
+    assert decode_record(message, max_size=MAX_SIZE) == ("me", attrs.evolve(task, request=None))
 
 
-def test_a_huge_request_echo_is_left_out_and_a_huge_record_not_sent() -> None:
+def test_the_request_echo_never_goes_on_the_channel_and_a_huge_record_not_at_all() -> None:
+    # Found in review: the echo holds the callback URL, and so the receivers' shared
+    # secret, which anyone who can SUBSCRIBE then read.
     task = Task(
         id="t",
-        request={"image_urls": ["data:image/png;base64," + "A" * 100_000]},
+        request={
+            "callback_url": f"https://svc.example/cb?nb_secret={SECRET}",
+            "image_urls": ["data:image/png;base64," + "A" * 100_000],
+        },
         response=TaskResponse(success=True, data=[ImageResult(image_url="https://cdn/x.png")]),
     )
     message = encode_record(task, origin="me", max_size=MAX_SIZE)
     assert message is not None
+    assert SECRET.encode() not in message
     assert decode_record(message, max_size=MAX_SIZE)[1] == attrs.evolve(task, request=None)
     huge = Task(id="t", trace_id="x" * 100_000)
     assert encode_record(huge, origin="me", max_size=MAX_SIZE) is None
@@ -564,6 +570,78 @@ async def test_redis_restart_loses_no_waiter_and_the_relay_resumes(
         assert await a.client.await_completion(submission)
     await wait_until(lambda: a.relay.stats.received == 1)
     assert b.relay.stats.published == 1
+
+
+class Blackhole:
+    """A TCP proxy to Redis that can go silent: it stops carrying bytes either way
+    without closing anything, as a NAT's idle timeout or a vanished host does."""
+
+    def __init__(self, target_port: int) -> None:
+        self.target_port = target_port
+        self.silent = False
+        self.server: asyncio.Server | None = None
+        self.port = 0
+        self.handlers: set[asyncio.Task[None]] = set()
+
+    async def start(self) -> None:
+        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        self.port = self.server.sockets[0].getsockname()[1]
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        handler = asyncio.current_task()
+        assert handler is not None
+        self.handlers.add(handler)
+        handler.add_done_callback(self.handlers.discard)
+        up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.target_port)
+
+        async def pipe(source: asyncio.StreamReader, sink: asyncio.StreamWriter) -> None:
+            with suppress(OSError):
+                while data := await source.read(65536):
+                    if not self.silent:  # silent: swallowed, and nobody is told
+                        sink.write(data)
+                        await sink.drain()
+
+        try:
+            await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer))
+        finally:
+            for end in (writer, up_writer):
+                end.close()
+
+    async def aclose(self) -> None:
+        if self.server is not None:
+            self.server.close()
+            for handler in list(self.handlers):
+                handler.cancel()
+            if self.handlers:
+                await asyncio.wait(list(self.handlers))
+            await self.server.wait_closed()
+
+
+async def test_a_link_gone_silent_is_noticed_and_the_relay_reconnects(
+    fleet: Fleet, redis_server: RedisServer
+) -> None:
+    """Found in review: a connection that stops carrying bytes without a reset left
+    the relay "connected" and deaf for ever; a failed publish did not mend it either."""
+    proxy = Blackhole(redis_server.port)
+    await proxy.start()
+    try:
+        async with NanoBananaClient(fleet.server.token, base_url=fleet.server.base_url) as client:
+            url = f"redis://127.0.0.1:{proxy.port}/0"
+            relay = RedisRelay(
+                client, url, keepalive=0.2, connect_timeout=0.5, max_reconnect_wait=0.2
+            )
+            async with relay:
+                assert relay.connected
+                proxy.silent = True
+                await wait_until(lambda: relay.stats.disconnects == 1)
+                assert not relay.connected
+                assert not await relay.publish(Task(id="t"))  # skipped while down
+                proxy.silent = False  # new connections carry bytes again
+                async with asyncio.timeout(WAIT):
+                    await relay.wait_connected()
+                assert await relay.publish(Task(id="t"))
+    finally:
+        await proxy.aclose()
 
 
 async def test_a_relay_started_while_redis_is_down_connects_later(

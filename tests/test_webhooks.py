@@ -385,6 +385,46 @@ async def test_malformed_bodies_are_400(make_rig: RigFactory, body: bytes) -> No
     assert rig.receiver.pending == 0
 
 
+@pytest.mark.parametrize("verify", [True, False])
+async def test_bodies_no_callback_could_be_are_400_before_any_work(
+    make_rig: RigFactory, verify: bool
+) -> None:
+    """Found in review: a forged id of 255 KiB was kept for the client's life, and a
+    body listing thousands of images was structured on the event loop."""
+    rig: Rig = await make_rig(verify=verify)
+    assert await rig.post(forged("x" * 257)) == 400
+    many = {**forged("t"), "data": [{"image_url": EVIL}] * 17}
+    assert await rig.post(many) == 400
+    assert rig.receiver.stats.malformed == 2
+    assert rig.server.counts["retrieve"] == 0
+
+
+async def test_with_verify_the_body_is_only_a_hint(make_rig: RigFactory) -> None:
+    """Only the id of a verified delivery is kept (the record comes from retrieve), so
+    a body whose other fields are odd still leads to the service's own record."""
+    rig: Rig = await make_rig(duration=0.05)
+    task_id = rig.add_task()
+    waiting = asyncio.ensure_future(rig.client.wait(rig.submission(task_id), timeout=WAIT))
+    await wait_until(lambda: rig.client._poller.watching(task_id))
+    await asyncio.sleep(0.1)  # done on the service by now
+    assert await rig.post({"task_id": task_id, "success": "yes", "data": [{"x": 1}]}) == 200
+    task = await waiting
+    assert task.image_urls == rig.server.tasks[task_id].image_urls
+    assert rig.receiver.stats.resolved == 1
+
+
+async def test_refusals_are_logged_once_then_counted(
+    make_rig: RigFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG, logger="nanobanana_async.webhooks")
+    rig: Rig = await make_rig()
+    for _ in range(20):
+        assert await rig.post(forged("t"), secret="wrong-secret-of-a-decent-length") == 401
+    refused = [r for r in caplog.records if "wrong or missing secret" in r.getMessage()]
+    assert [r.levelno for r in refused] == [logging.INFO] + [logging.DEBUG] * 19
+    assert rig.receiver.stats.unauthorized == 20
+
+
 async def test_oversized_bodies_are_413(make_rig: RigFactory) -> None:
     rig: Rig = await make_rig(max_body_size=1024)
     big = json.dumps({**forged("t"), "pad": "x" * 2000}).encode()
