@@ -204,19 +204,24 @@ class BatchSummary:
 
 @attrs.frozen
 class JobChange:
-    """A job whose key the journal knows with another prompt or other options."""
+    """A job whose key the journal knows with another prompt or other options, or
+    that the journal holds and the input no longer has (``after`` is None)."""
 
     key: str
-    #: What the journal recorded (``BatchJob.describe()`` of that time), and what is asked now.
+    #: What the journal recorded (``BatchJob.describe()`` of that time), and what is
+    #: asked now (None: the job is missing from the input).
     before: Mapping[str, Any]
-    after: Mapping[str, Any]
+    after: Mapping[str, Any] | None
+    #: The journaled job's latest task id, if it has one (paid work to keep track of).
+    task_id: str | None = None
 
 
 class BatchChangedError(ValueError):
     """Jobs of the journal changed since they were submitted (e.g. an edited prompts file).
 
-    Nothing was submitted. Running them under the same keys would mix two batches;
-    use another journal, or restore the jobs. ``changes`` lists each one.
+    Nothing was submitted. Running them under the same keys would mix two batches, and
+    a job left out would drop its task (maybe paid for) from the manifest; use another
+    journal, or restore the jobs. ``changes`` lists each one.
     """
 
     def __init__(self, journal: Path, changes: Sequence[JobChange]) -> None:
@@ -224,8 +229,8 @@ class BatchChangedError(ValueError):
         self.changes = list(changes)
         first = self.changes[0]
         more = f" (and {len(self.changes) - 1} more)" if len(self.changes) > 1 else ""
+        now = "missing" if first.after is None else repr(first.after.get("prompt"))
         super().__init__(
             f"{len(self.changes)} job(s) changed since {journal} recorded them; "
-            f"job {first.key!r} was {first.before.get('prompt')!r}, "
-            f"now {first.after.get('prompt')!r}{more}"
+            f"job {first.key!r} was {first.before.get('prompt')!r}, now {now}{more}"
         )

@@ -26,7 +26,7 @@ from typing import Any, Final, TypeVar
 
 import attrs
 
-__all__ = ["JOURNAL_STATES", "Journal", "JournalBusyError", "JournalEntry"]
+__all__ = ["JOURNAL_STATES", "Journal", "JournalBusyError", "JournalEntry", "JournalError"]
 
 T = TypeVar("T")
 
@@ -72,7 +72,13 @@ JOURNAL_STATES: Final = frozenset(
 )
 
 
-class JournalBusyError(Exception):
+class JournalError(Exception):
+    """The journal cannot be used: not a journal (another file, a folder), unreadable,
+    of another schema, or busy. About a local file, not the service, so not a
+    NanoBananaError."""
+
+
+class JournalBusyError(JournalError):
     """Another process holds the journal (a batch already running on it)."""
 
 
@@ -149,6 +155,16 @@ class Journal:
         return await self._call(self._open)
 
     def _open(self) -> dict[str, JournalEntry]:
+        try:
+            return self._open_db()
+        except JournalError:
+            raise
+        except (sqlite3.Error, OSError, ValueError) as exc:
+            # A file that is not a journal (garbage, a folder, another schema), or one
+            # that cannot be opened: say so plainly, nothing was submitted.
+            raise JournalError(f"{self.path} cannot be used as a batch journal: {exc}") from None
+
+    def _open_db(self) -> dict[str, JournalEntry]:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         db = sqlite3.connect(self.path, timeout=0.5, isolation_level=None)
         try:

@@ -16,6 +16,7 @@ import email.utils
 import json
 import math
 import re
+import reprlib
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, Final, Literal, TypeVar
@@ -354,9 +355,13 @@ def parse_submission(response: RawResponse, *, callback_url: str | None = None) 
     by a stringified ``null`` or object.
     """
     payload = decipher(response)
-    if _wire_id(payload.get("task_id")) is None:
+    raw_id = payload.get("task_id")
+    if _wire_id(raw_id) is None:
+        # Whatever stands there goes in the message: if it is the task's id in another
+        # form (a number, say), the user still gets it.
+        shown = "" if raw_id is None else f" (it holds {reprlib.repr(raw_id)})"
         raise ResponseDecodeError(
-            "submission answer has no task_id string",
+            f"submission answer has no task_id string{shown}",
             status=response.status,
             body_excerpt=_excerpt(response.body),
         )

@@ -86,7 +86,7 @@ from ._errors import (
     PermissionDeniedError,
     RateLimitError,
 )
-from ._journal import Journal, JournalBusyError, JournalEntry
+from ._journal import Journal, JournalBusyError, JournalEntry, JournalError
 from ._models import ErrorDetail, Submission, Task
 from ._retry import POLL_FATAL, REFUSED_CONTENT, is_account_error, may_have_created_task
 
@@ -100,6 +100,7 @@ __all__ = [
     "JobChange",
     "JobState",
     "JournalBusyError",
+    "JournalError",
     "run_batch",
 ]
 
@@ -185,6 +186,10 @@ def _file_key(key: str) -> str:
 OnSubmit = Callable[[BatchJob, Submission], object]
 
 _DOWNLOADS_AT_ONCE: Final = 8
+_ABANDONED: Final = (
+    "the run stopped during the submission: a task may have been made (and paid for) "
+    "whose id never came back"
+)
 _STATES: Final = {
     "pending": JobState.PENDING,
     "failed": JobState.FAILED,
@@ -308,9 +313,17 @@ class BatchRunner:
         entries = await self._journal.open()
         try:
             changes = [
-                JobChange(job.key, json.loads(entry.spec), job.describe())
+                JobChange(job.key, json.loads(entry.spec), job.describe(), entry.task_id)
                 for job in self._jobs
                 if (entry := entries.get(job.key)) is not None and entry.spec != spec_text(job)
+            ]
+            # A journaled job left out of the input would vanish from the manifest, with
+            # its task (and any images still to come): a change like any other.
+            given = {job.key for job in self._jobs}
+            changes += [
+                JobChange(key, json.loads(entry.spec), None, entry.task_id)
+                for key, entry in entries.items()
+                if key not in given
             ]
             if changes:
                 raise BatchChangedError(self._journal.path, changes)
@@ -383,6 +396,21 @@ class BatchRunner:
     def results(self) -> list[BatchResult]:
         """Every job's current result, in the order the jobs were given."""
         return [self._results[job.key] for job in self._jobs]
+
+    def result(self, key: str) -> BatchResult:
+        """One job's current result, by its key (KeyError for a key not in the batch)."""
+        return self._results[key]
+
+    @property
+    def planned(self) -> dict[str, int]:
+        """What this run does with the jobs, counted (known once opened): ``first``,
+        ``retry`` and ``resubmit`` (new submissions), ``wait`` (on a task submitted
+        earlier), ``save`` (images of a task that succeeded earlier), ``unknown``
+        (reported, not submitted) and ``done`` (nothing to do)."""
+        counts = dict.fromkeys(("first", "retry", "resubmit", "wait", "save", "unknown", "done"), 0)
+        for plan in self._plans.values():
+            counts[plan] += 1
+        return counts
 
     # --- the run --------------------------------------------------------------------------------
 
@@ -579,6 +607,18 @@ class BatchRunner:
                     outcome = await request
                 except NanoBananaError as exc:
                     outcome = exc
+                except asyncio.CancelledError:
+                    # Stopped again: the request is abandoned with its intent journaled
+                    # (the next run reports it). Say so now too: a task may exist.
+                    self._set(
+                        attrs.evolve(
+                            self._results[job.key],
+                            state=JobState.OUTCOME_UNKNOWN,
+                            error=_error("outcome_unknown", _ABANDONED),
+                            attempts=attempt,
+                        )
+                    )
+                    raise
             except NanoBananaError as exc:
                 outcome = exc
             task_id = await self._answered(job, kind, attempt, outcome)
@@ -771,11 +811,7 @@ class BatchRunner:
         plan = self._plans[job.key]
         if entry.state == "submitting":
             state = JobState.OUTCOME_UNKNOWN
-            error = error or _error(
-                "outcome_unknown",
-                "the run stopped during the submission: a task may have been made "
-                "(and paid for) whose id never came back",
-            )
+            error = error or _error("outcome_unknown", _ABANDONED)
         elif entry.state == "succeeded" or (entry.state == "download_failed" and not self._out):
             # Succeeded; with images still to save (``plan == "save"``) it is not done yet.
             state = JobState.PENDING if plan == "save" else JobState.SUCCEEDED

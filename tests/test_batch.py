@@ -499,6 +499,42 @@ async def test_an_account_refusal_while_waiting_stops_the_batch(
     assert batch.summary.submitted == 2
 
 
+async def test_jobs_left_out_of_the_input_are_a_change(
+    server: FakeNanoBanana, tmp_path: Path
+) -> None:
+    async with fast_client(server) as client:
+        await run_batch(client, jobs_of("a cat", "a dog"), **_paths(tmp_path))
+        with pytest.raises(BatchChangedError) as caught:
+            await run_batch(client, jobs_of("a cat"), **_paths(tmp_path))
+    (change,) = caught.value.changes
+    assert (change.key, change.after) == ("2", None)
+    assert change.task_id == manifest(tmp_path)[1]["task_id"]
+    assert "now missing" in str(caught.value)
+
+
+async def test_a_second_cancel_during_a_submission_says_the_outcome_is_unknown(
+    server: FakeNanoBanana, tmp_path: Path
+) -> None:
+    """Found in review: a second Ctrl-C abandoned the request and the run reported the
+    job pending, with no task, though the service may have made one."""
+    server.inject("slow", action="generate", delay=2.0)
+    async with fast_client(server) as client:
+        batch = runner(client, jobs_of("a cat"), tmp_path)
+        async with batch:
+            running = asyncio.ensure_future(collect(batch))
+            async with asyncio.timeout(WAIT):
+                while not server.counts["generate"]:  # noqa: ASYNC110
+                    await asyncio.sleep(0.01)
+            running.cancel()  # the first stop lets the request finish...
+            await asyncio.sleep(0.05)
+            running.cancel()  # ...a second gives up waiting for it...
+            with pytest.raises(asyncio.CancelledError):
+                await running
+        # ...and leaving "async with" stops the job in its request: it is abandoned.
+    assert batch.result("1").state is JobState.OUTCOME_UNKNOWN
+    assert batch.summary.outcome_unknown == 1
+
+
 async def test_changed_jobs_are_refused_before_any_submission(
     server: FakeNanoBanana, tmp_path: Path
 ) -> None:

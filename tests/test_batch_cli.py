@@ -145,6 +145,73 @@ async def test_a_changed_prompts_file_is_reported_and_nothing_submitted(
     assert "options was {}, now {'count': 2}" in result.err
 
 
+async def test_a_removed_line_is_a_change_that_keeps_its_task_in_view(
+    server: FakeNanoBanana, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    """Found in review: lines removed from the end vanished from the manifest, their
+    paid tasks with them, and the run said all was done."""
+    prompts = write_prompts(tmp_path, ["a cat", "a dog", "a fox"])
+    out = tmp_path / "out"
+    assert (await run_cli(server, capsys, "batch", str(prompts), "--out", str(out))).code == 0
+    task_id = next(line["task_id"] for line in manifest(out) if line["prompt"] == "a fox")
+    write_prompts(tmp_path, ["a cat", "a dog"])
+    result = await run_cli(server, capsys, "batch", str(prompts), "--out", str(out))
+    assert result.code == 2
+    assert f"job 5: was 'a fox', now missing from the input (its task {task_id}" in result.err
+    assert len(manifest(out)) == 3  # untouched
+    assert server.counts["generate"] == 3
+
+
+async def test_input_that_is_not_utf8_or_has_odd_line_breaks(
+    server: FakeNanoBanana, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    """Found in review: bytes that are not UTF-8 on stdin failed the batch after a
+    paid submission; a U+2028 in a line made two (paid) jobs of it."""
+    out = tmp_path / "out"
+    # What a stream read with surrogateescape gives for the bytes b"\xff\xfe".
+    garbled = "a cat\n\udcff\udcfe bad\n"
+    result = await run_cli(server, capsys, "batch", "-", "--out", str(out), stdin=garbled)
+    assert result.code == 2
+    assert "stdin is not UTF-8 text" in result.err
+    result = await run_cli(server, capsys, "generate", "-", "--no-wait", stdin="a cat \udcff")
+    assert result.code == 2
+    assert not server.counts
+    prompts = tmp_path / "odd.txt"
+    prompts.write_text("a cat\u2028in a hat\r\na dog\x0c\n", encoding="utf-8")
+    result = await run_cli(server, capsys, "batch", str(prompts), "--out", str(out), "--json")
+    assert result.code == 0, result.err
+    assert [job["key"] for job in result.doc["jobs"]] == ["1", "2"]
+    assert server.counts["generate"] == 2
+
+
+async def test_a_journal_that_is_not_one_is_a_usage_error(
+    server: FakeNanoBanana, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    prompts = write_prompts(tmp_path, ["a cat"])
+    out = tmp_path / "out"
+    (out / ".nanobanana").mkdir(parents=True)
+    (out / ".nanobanana" / "journal.sqlite3").write_bytes(b"garbage, not SQLite" * 100)
+    result = await run_cli(server, capsys, "batch", str(prompts), "--out", str(out))
+    assert result.code == 2
+    assert "cannot be used as a batch journal" in result.err
+    assert "unexpected" not in result.err
+    assert not server.counts
+
+
+async def test_raised_retries_are_announced_as_new_submissions(
+    server: FakeNanoBanana, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    prompts = write_prompts(tmp_path, ["fine", "upstream trouble [fail:top]"])
+    out = tmp_path / "out"
+    assert (await run_cli(server, capsys, "batch", str(prompts), "--out", str(out))).code == 1
+    result = await run_cli(
+        server, capsys, "batch", str(prompts), "--out", str(out), "--retries", "1"
+    )
+    assert "1 to submit again (each a new paid submission)" in result.err
+    assert "submitted job 4 again" in result.err
+    assert server.counts["generate"] == 3
+
+
 async def test_an_unknown_outcome_is_reported_with_its_prompt(
     server: FakeNanoBanana, capsys: pytest.CaptureFixture[str], tmp_path: Path
 ) -> None:

@@ -453,6 +453,14 @@ async def test_a_request_timeout_on_the_first_read_falls_back_to_waiting(
         assert await _first_look(client, ctx, [task_id], when) == [task_id]
 
 
+async def test_a_null_id_on_stdin_is_a_usage_error(cli: Cli, server: FakeNanoBanana) -> None:
+    # Found in review: {"id": null} was read as the task id "None".
+    result = await cli(server, "tasks", "get", "-", stdin='{"tasks": [{"id": null}]}')
+    assert result.code == 2
+    assert "not a non-empty string: None" in one_line_error(result)
+    assert not server.counts
+
+
 async def test_tasks_wait_empty_stdin_is_a_usage_error(cli: Cli, server: FakeNanoBanana) -> None:
     result = await cli(server, "tasks", "wait", "-", stdin="  \n")
     assert result.code == 2

@@ -27,7 +27,7 @@ from ..batch import (
     BatchResult,
     BatchRunner,
     JobState,
-    JournalBusyError,
+    JournalError,
 )
 from ._catalog import ignored_resolution
 from ._console import BatchProgress
@@ -64,7 +64,9 @@ async def batch(ctx: Context) -> int:
 
         def on_submit(job: BatchJob, submission: Submission) -> None:
             # At once, on any stderr: the journal has it too, but a log reader sees it here.
-            again = " again" if job.key in seen else ""
+            # Again: a retry or resubmission in this run, or of a job submitted before.
+            earlier = runner.result(job.key).attempts > 1
+            again = " again" if job.key in seen or earlier else ""
             seen.add(job.key)
             line = f"submitted job {job.key}{again}: task {submission.task_id}"
             if progress is not None:
@@ -88,7 +90,7 @@ async def batch(ctx: Context) -> int:
         except BatchChangedError as exc:
             _report_changes(ctx, exc)
             return ExitCode.USAGE
-        except JournalBusyError as exc:
+        except JournalError as exc:  # busy, or not a journal at all
             output.error(str(exc))
             return ExitCode.USAGE
         try:
@@ -104,10 +106,17 @@ async def batch(ctx: Context) -> int:
             summary = runner.summary
             what = "Terminated" if ctx.stop_signal == signal.SIGTERM else "Interrupted"
             running = sum(1 for r in runner.results() if r.state is JobState.PENDING and r.task_id)
+            unknown = ""
+            if summary.outcome_unknown:
+                unknown = (
+                    f" {summary.outcome_unknown} job(s) have an unknown outcome (a task may "
+                    "have been made and paid for; see above): the next run reports them and "
+                    "submits them again only with --resubmit-unknown."
+                )
             ctx.interrupt_message = (
                 f"{what}. The journal is consistent: {summary.succeeded} of {summary.total} "
                 f"jobs done, {running} task(s) keep running on the service and are waited "
-                f"on by the next run. Resume with: {_resume_command(ctx)}"
+                f"on by the next run.{unknown} Resume with: {_resume_command(ctx)}"
             )
             raise
         except NanoBananaError as exc:
@@ -126,17 +135,24 @@ async def batch(ctx: Context) -> int:
 
 
 def _say_plan(ctx: Context, runner: BatchRunner) -> None:
-    summary = runner.summary
-    results = runner.results()
-    waiting = sum(1 for r in results if r.state is JobState.PENDING and r.task_id)
-    finished = summary.total - summary.pending - summary.outcome_unknown
-    fresh = summary.pending - waiting
-    parts = [f"Batch of {summary.total} jobs in {ctx.args.out_path}"]
-    if finished or waiting or summary.outcome_unknown:
-        parts.append(
-            f"resuming: {finished} finished earlier, {waiting} submitted earlier "
-            f"(waiting on them), {fresh} to submit"
-        )
+    plan = runner.planned
+    total = sum(plan.values())
+    fresh = plan["first"]
+    again = plan["retry"] + plan["resubmit"]
+    parts = [f"Batch of {total} jobs in {ctx.args.out_path}"]
+    if fresh != total:
+        words = [
+            f"{plan['done']} finished earlier",
+            f"{plan['wait']} submitted earlier (waiting on them)",
+            f"{fresh} to submit",
+        ]
+        if again:
+            words.append(f"{again} to submit again (each a new paid submission)")
+        if plan["save"]:
+            words.append(f"{plan['save']} with images still to save")
+        if plan["unknown"]:
+            words.append(f"{plan['unknown']} with an unknown outcome")
+        parts.append("resuming: " + ", ".join(words))
     ctx.output.note("; ".join(parts) + ".")
 
 
@@ -274,7 +290,10 @@ def _report_changes(ctx: Context, exc: BatchChangedError) -> None:
     ]
     for change in exc.changes[:_SHOWN_CHANGES]:
         before, after = change.before, change.after
-        if before.get("prompt") != after.get("prompt"):
+        if after is None:
+            task = f" (its task {change.task_id} is in the journal)" if change.task_id else ""
+            what = f"was {before.get('prompt')!r}, now missing from the input{task}"
+        elif before.get("prompt") != after.get("prompt"):
             what = f"was {before.get('prompt')!r}, now {after.get('prompt')!r}"
         else:
             fields = sorted(
@@ -288,8 +307,9 @@ def _report_changes(ctx: Context, exc: BatchChangedError) -> None:
         lines.append(f"  ... and {len(exc.changes) - _SHOWN_CHANGES} more")
     lines.append(
         "Nothing was submitted. Jobs are known by their line number (or key), so an edited "
-        "file would mix two batches: put the file back as it was (and add new prompts at "
-        "the end), or use another --out folder."
+        "file would mix two batches and a removed line would drop its task from the "
+        "manifest: put the file back as it was (and add new prompts at the end), or use "
+        "another --out folder."
     )
     for line in lines:
         ctx.output.note(line, style="bold red" if line is lines[0] else None)

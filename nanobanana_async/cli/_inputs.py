@@ -20,6 +20,7 @@ __all__ = [
     "image_reference",
     "out_folder",
     "read_prompt",
+    "read_stdin",
     "read_task_ids",
 ]
 
@@ -50,7 +51,7 @@ def read_task_ids(values: Sequence[str], stdin: TextIO) -> list[str]:
     ids: list[str] = []
     for value in values:
         if value == "-":
-            ids.extend(_ids_from_text(stdin.read()))
+            ids.extend(_ids_from_text(read_stdin(stdin, "task ids")))
         else:
             ids.append(value)
     ids = list(dict.fromkeys(ids))
@@ -92,30 +93,49 @@ def _skip_space(text: str, position: int) -> int:
 
 def _ids_in(value: object) -> list[str]:
     """The task ids in one JSON value of ours: a ``--json`` document (``tasks[].id``),
-    a batch's (``jobs[].task_id``), a manifest line (``task_id``), or a list of those."""
+    a batch's (``jobs[].task_id``), a manifest line (``task_id``), or a list of those.
+    A job with no task (``null``) has none; an id of another type is refused."""
     if isinstance(value, list):
         return [task_id for item in value for task_id in _ids_in(item)]
     if isinstance(value, dict):
         if isinstance(value.get("tasks"), list):
-            return [str(task["id"]) for task in value["tasks"] if isinstance(task, dict)]
+            return [_task_id(task.get("id")) for task in value["tasks"] if isinstance(task, dict)]
         if isinstance(value.get("jobs"), list):
             return [
-                str(job["task_id"])
+                _task_id(job["task_id"])
                 for job in value["jobs"]
-                if isinstance(job, dict) and job.get("task_id")
+                if isinstance(job, dict) and job.get("task_id") is not None
             ]
         if "task_id" in value:
-            return [str(value["task_id"])] if value["task_id"] else []
+            return [_task_id(value["task_id"])] if value["task_id"] is not None else []
         if isinstance(value.get("id"), str):
-            return [value["id"]]
+            return [_task_id(value["id"])]
     raise UsageError("stdin holds JSON that is not the --json output of a nanobanana command")
+
+
+def _task_id(value: object) -> str:
+    """A task id from a JSON document: a non-empty string (never ``str(None)``)."""
+    if isinstance(value, str) and value.strip():
+        return value
+    raise UsageError(f"stdin holds a task id that is not a non-empty string: {value!r:.60}")
+
+
+def read_stdin(stdin: TextIO, what: str) -> str:
+    """All of standard input as text, refused unless it is UTF-8 (bytes that are not
+    would reach the service as a garbled prompt or id, and be paid for)."""
+    try:
+        text = stdin.read()
+        text.encode("utf-8")  # a stream read with surrogateescape keeps bad bytes so
+    except UnicodeError:
+        raise UsageError(f"stdin is not UTF-8 text: cannot read the {what} from it") from None
+    return text
 
 
 def read_prompt(value: str, stdin: TextIO) -> str:
     """The prompt argument; ``-`` reads it from standard input (all of it, trimmed)."""
     if value != "-":
         return value
-    prompt = stdin.read().strip()
+    prompt = read_stdin(stdin, "prompt").strip()
     if not prompt:
         raise UsageError("no prompt given (stdin was empty)")
     return prompt

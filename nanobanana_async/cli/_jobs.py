@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Final, TextIO
 
 from ..batch import BatchJob
-from ._inputs import UsageError
+from ._inputs import UsageError, read_stdin
 
 __all__ = ["JOB_FIELDS", "read_jobs"]
 
@@ -32,7 +32,7 @@ def read_jobs(source: str, stdin: TextIO, defaults: Mapping[str, Any]) -> list[B
     """
     name = "stdin" if source == "-" else source
     if source == "-":
-        text = stdin.read()
+        text = read_stdin(stdin, "prompts")
     else:
         try:
             text = Path(source).expanduser().read_text(encoding="utf-8")
@@ -40,9 +40,12 @@ def read_jobs(source: str, stdin: TextIO, defaults: Mapping[str, Any]) -> list[B
             raise UsageError(f"prompts file not found: {source}") from None
         except (OSError, UnicodeError) as exc:
             raise UsageError(f"cannot read prompts file {source}: {exc}") from None
+    # Lines end at "\n" alone (a "\r" before it is stripped): str.splitlines would also
+    # cut at U+2028, form feeds and the like, making more (paid) jobs than the file has
+    # lines, keyed by numbers that are not its line numbers.
     lines = [
         (number, line.strip())
-        for number, line in enumerate(text.splitlines(), start=1)
+        for number, line in enumerate(text.split("\n"), start=1)
         if line.strip() and not line.strip().startswith("#")
     ]
     if not lines:
