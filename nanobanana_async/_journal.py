@@ -175,6 +175,10 @@ class Journal:
             db.execute("PRAGMA synchronous=FULL")
             db.execute("BEGIN EXCLUSIVE")
             db.execute("COMMIT")
+            tables = {row[0] for row in db.execute("SELECT name FROM sqlite_master")}
+            if tables and "meta" not in tables:
+                # Another application's database: never add our tables to it.
+                raise JournalError(f"{self.path} is an SQLite database, but not a batch journal")
             db.executescript(_SCHEMA)
             row = db.execute("SELECT value FROM meta WHERE name = 'schema'").fetchone()
             if row is None:
@@ -195,7 +199,13 @@ class Journal:
             db.close()
             raise
         self._db = db
-        return self._entries()
+        try:
+            return self._entries()
+        except BaseException:
+            # A journal whose rows do not read: close it, so its lock goes with it.
+            self._db = None
+            db.close()
+            raise
 
     def _entries(self) -> dict[str, JournalEntry]:
         db = self._conn()

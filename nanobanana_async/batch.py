@@ -310,8 +310,8 @@ class BatchRunner:
         if self._opened:
             raise RuntimeError("this BatchRunner was already opened")
         self._opened = True
-        entries = await self._journal.open()
         try:
+            entries = await self._journal.open()
             changes = [
                 JobChange(job.key, json.loads(entry.spec), job.describe(), entry.task_id)
                 for job in self._jobs
@@ -354,14 +354,18 @@ class BatchRunner:
             self._closed = True
             return
         self._closed = True
-        if self._driver is not None and not self._driver.done():
-            # The loop was left without closing it: stop the jobs before the journal.
-            self._driver.cancel()
-            await asyncio.wait({self._driver})
         try:
-            await self._write_manifest(lambda key: True)
+            if self._driver is not None and not self._driver.done():
+                # The loop was left without closing it: stop the jobs before the journal.
+                await _stop_all({self._driver})
+            # Jobs still running (the driver itself was stopped twice): the journal must
+            # outlive every one of them, or a task id answered now could not be recorded.
+            await _stop_all(self._tasks)
         finally:
-            await self._journal.aclose()
+            try:
+                await self._write_manifest(lambda key: True)
+            finally:
+                await self._journal.aclose()
 
     async def run(self) -> BatchSummary:
         """Run the batch to its end (inside ``async with``) and return the summary."""
@@ -440,8 +444,7 @@ class BatchRunner:
                 return
         finally:
             # Leaving early (a break, a cancel) stops the jobs; the journal stays consistent.
-            driver.cancel()
-            await asyncio.wait({driver})
+            await _stop_all({driver})
 
     async def _drive(self) -> None:
         """Start every job: waits at once, new submissions whenever the window has room."""
@@ -483,10 +486,7 @@ class BatchRunner:
                 self._room.clear()
                 await self._room.wait()
         finally:
-            for task in tasks:
-                task.cancel()
-            if tasks:
-                await asyncio.wait(set(tasks))
+            await _stop_all(tasks)
         if self._fatal is not None:
             raise self._fatal
 
@@ -844,6 +844,23 @@ class BatchRunner:
             if include(result.job.key)
         ]
         await self._journal.run_io(_replace_lines, self._manifest, lines)
+
+
+async def _stop_all(tasks: set[asyncio.Task[None]]) -> None:
+    """Cancel ``tasks`` and wait until every one has ended, through further cancels of
+    the caller (a second Ctrl-C): each is cancelled again, never left running behind.
+    A job stopped twice during its submission gives up on the request (its outcome is
+    then unknown); a job's journal writes always end before it does."""
+    stopped = False
+    while pending := [task for task in tasks if not task.done()]:
+        for task in pending:
+            task.cancel()
+        try:
+            await asyncio.wait(pending)
+        except asyncio.CancelledError:
+            stopped = True  # cancel them again, and still wait for them
+    if stopped:
+        raise asyncio.CancelledError  # the caller's own cancel, once they have all ended
 
 
 def _stops_the_batch(exc: NanoBananaError) -> bool:

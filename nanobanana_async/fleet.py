@@ -66,7 +66,9 @@ try:
     from redis.asyncio.client import PubSub
     from redis.asyncio.retry import Retry
     from redis.backoff import NoBackoff
+    from redis.exceptions import ConnectionError as RedisConnectionError
     from redis.exceptions import RedisError
+    from redis.exceptions import TimeoutError as RedisTimeoutError
 except ImportError as exc:  # pragma: no cover - depends on the environment
     raise ImportError(
         'nanobanana_async.fleet needs the redis package: pip install "nanobanana-async[redis]"'
@@ -88,6 +90,7 @@ DEFAULT_CHANNEL: Final = "nanobanana-async"
 _VERSION: Final = 1  # of the message format below; a message of another version is foreign
 _READ_WAKEUP: Final = 1.0  # seconds a read waits for a message before checking in again
 _MIN_RECONNECT_WAIT: Final = 0.05
+_PUBLISHING: Final = 32  # publishes at once, well within redis-py's pool of 100
 
 
 # --------------------------------------------------------------------------- the codec
@@ -223,6 +226,9 @@ class RedisRelay:
         self._tried = asyncio.Event()  # the first connection attempt is over
         self._down_reported = False
         self._probe = False  # a publish failed: ping the subscription now
+        self._publishing = asyncio.Semaphore(_PUBLISHING)
+        self._refusal_logged = False
+        self._up_since = 0.0  # when the current subscription was confirmed
         self._connections = 0  # subscriptions made so far
         self._closed = False
         self.stats = RelayStats()
@@ -304,25 +310,44 @@ class RedisRelay:
         task eagerly. The callback receiver calls this; call it yourself only with a
         record you trust. Never raises: while Redis is down the record is skipped.
         """
-        if self._closed or not self._up.is_set():
-            self.stats.unpublished += 1
-            return False
         message = encode_record(task, origin=self._origin, max_size=self.max_message_size)
         if message is None:
             self.stats.unpublished += 1
             logger.debug("task %r's record is too large to relay", task.id)
             return False
-        try:
-            # Bounded: redis-py's one retry would otherwise double a hung Redis's wait.
-            async with asyncio.timeout(self._connect_timeout):
-                await self._redis.publish(self.channel, message)
-        except (RedisError, OSError) as exc:  # TimeoutError included
-            self.stats.unpublished += 1
-            # Publish no more until the listener has checked the connection (a ping).
-            self._up.clear()
-            self._probe = True
-            self._report_down(exc)
-            return False
+        # At most _PUBLISHING at once: a burst of callbacks must not take more connections
+        # than the pool has (redis-py refuses past its limit, which would read as an
+        # outage). Whether the link is up is asked once a turn comes: a burst queued
+        # behind a hung Redis is skipped at once when the first of it fails.
+        async with self._publishing:
+            if self._closed or not self._up.is_set():
+                self.stats.unpublished += 1
+                return False
+            try:
+                # Bounded: redis-py's one retry would otherwise double a hung Redis's wait.
+                async with asyncio.timeout(self._connect_timeout):
+                    await self._redis.publish(self.channel, message)
+            except (RedisConnectionError, RedisTimeoutError, OSError) as exc:  # TimeoutError
+                self.stats.unpublished += 1
+                # The link is in doubt: publish no more until the subscription answers.
+                self._up.clear()
+                self._probe = True
+                self._report_down(exc)
+                return False
+            except RedisError as exc:
+                # Redis answered, with a refusal (an ACL without PUBLISH, LOADING): the
+                # link is fine, so nothing is reported down; logged once, then counted.
+                self.stats.unpublished += 1
+                level = logging.DEBUG if self._refusal_logged else logging.WARNING
+                self._refusal_logged = True
+                logger.log(
+                    level,
+                    "Redis refused to publish on %r (%s: %s)",
+                    self.channel,
+                    type(exc).__name__,
+                    exc,
+                )
+                return False
         self.stats.published += 1
         if self._down_reported:  # a failed publish had reported it down
             self._report_recovered()
@@ -344,8 +369,11 @@ class RedisRelay:
                 self._lost(exc, self._connections > connections)
             finally:
                 self._tried.set()
-            if self._connections > connections:
-                delays = self._reconnect_delays()  # it had connected: start the backoff over
+            stayed = time.monotonic() - self._up_since >= self._max_reconnect_wait
+            if self._connections > connections and stayed:
+                # It had connected, and held: start the backoff over. A link dropped as
+                # soon as it is made keeps backing off, so the loop never runs hot.
+                delays = self._reconnect_delays()
             delay = max(_MIN_RECONNECT_WAIT, backoff.full_jitter(next(delays)))
             logger.debug("reconnecting to Redis in %.2f s", delay)
             await asyncio.sleep(delay)
@@ -448,6 +476,7 @@ class RedisRelay:
 
     def _report_up(self) -> None:
         self._connections += 1
+        self._up_since = time.monotonic()
         self._up.set()
         self._tried.set()
         self._report_recovered()

@@ -171,6 +171,7 @@ class CallbackReceiver:
         self._active: dict[str, asyncio.Task[None]] = {}
         self._relay = relay
         self._closed = False
+        self._refusing = False  # wrong secrets since the last right one: logged once
         self._overloaded = False  # max_pending reached: logged once until half drained
         self._failing = False  # confirmations failing: logged once until one works
         self.stats = ReceiverStats()
@@ -285,13 +286,17 @@ class CallbackReceiver:
 
     def _unauthorized(self) -> int:
         self.stats.unauthorized += 1
-        # Anyone can send these: the first is worth a line, the rest are counted.
-        level = logging.INFO if self.stats.unauthorized == 1 else logging.DEBUG
+        # Anyone can send these: the first of a run is worth a line (a replica with
+        # another secret shows up so), the rest are counted. A delivery with the right
+        # secret ends the run.
+        level = logging.DEBUG if self._refusing else logging.INFO
+        self._refusing = True
         logger.log(level, "a callback with a wrong or missing secret was refused (401)")
         return 401
 
     def _accept(self, body: bytes | str) -> int:
         """Parse and check the body now, handle it later; the status to answer."""
+        self._refusing = False  # the secret was right: a later wrong one is news again
         if self._closed:
             self.stats.rejected += 1
             return 503

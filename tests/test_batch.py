@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import re
+import sqlite3
 import stat
 import threading
 from collections.abc import Callable
@@ -32,6 +34,7 @@ from nanobanana_async.batch import (
     BatchRunner,
     JobState,
     JournalBusyError,
+    JournalError,
     run_batch,
 )
 from nanobanana_async.testing import FakeNanoBanana
@@ -527,12 +530,13 @@ async def test_a_second_cancel_during_a_submission_says_the_outcome_is_unknown(
                     await asyncio.sleep(0.01)
             running.cancel()  # the first stop lets the request finish...
             await asyncio.sleep(0.05)
-            running.cancel()  # ...a second gives up waiting for it...
+            running.cancel()  # ...a second gives up on it, and ends only once it is over
             with pytest.raises(asyncio.CancelledError):
                 await running
-        # ...and leaving "async with" stops the job in its request: it is abandoned.
-    assert batch.result("1").state is JobState.OUTCOME_UNKNOWN
-    assert batch.summary.outcome_unknown == 1
+            # The client is still open: the job was stopped, not its client closed.
+            assert batch.result("1").state is JobState.OUTCOME_UNKNOWN
+            assert batch.summary.outcome_unknown == 1
+            assert not [t for t in asyncio.all_tasks() if "_run_job" in repr(t.get_coro())]
 
 
 async def test_changed_jobs_are_refused_before_any_submission(
@@ -703,6 +707,40 @@ async def test_keys_that_differ_get_different_file_names(
 
 def pngs(folder: Path) -> list[str]:
     return sorted(path.name for path in folder.iterdir() if path.suffix == ".png")
+
+
+async def test_a_database_that_is_not_a_journal_is_refused_and_left_as_it_was(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "app.sqlite3"
+    with contextlib.closing(sqlite3.connect(path)) as db:
+        db.execute("CREATE TABLE users (name TEXT)")
+        db.commit()
+    client = NanoBananaClient("token")
+    with pytest.raises(JournalError, match="not a batch journal"):
+        async with BatchRunner(client, jobs_of("a"), journal=path):
+            pass
+    with contextlib.closing(sqlite3.connect(path)) as db:
+        tables = {name for (name,) in db.execute("SELECT name FROM sqlite_master")}
+    assert tables == {"users"}  # none of ours added
+
+
+async def test_a_journal_whose_rows_do_not_read_is_closed_again(tmp_path: Path) -> None:
+    """Found in review: it stayed open and locked, so a second try said "busy"."""
+    path = tmp_path / "journal.sqlite3"
+    journal = Journal(path)
+    await journal.open()
+    await journal.intend("1", spec_text(jobs_of("a")[0]), "first", 1)
+    await journal.aclose()
+    with contextlib.closing(sqlite3.connect(path)) as db:
+        db.execute("UPDATE jobs SET image_urls = 'not json'")
+        db.commit()
+    client = NanoBananaClient("token")
+    for _ in range(2):  # the same error both times: not JournalBusyError the second
+        with pytest.raises(JournalError, match="cannot be used") as caught:
+            async with BatchRunner(client, jobs_of("a"), journal=path):
+                pass
+        assert not isinstance(caught.value, JournalBusyError)
 
 
 async def test_a_journal_call_ends_before_a_cancel_goes_on(tmp_path: Path) -> None:

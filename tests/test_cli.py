@@ -653,6 +653,33 @@ async def finish(process: asyncio.subprocess.Process, stdin: str | None = None) 
     return Result(process.returncode, out.decode(), err.decode())
 
 
+@pytest.mark.parametrize("encoding", ["utf-8", "latin-1"])
+async def test_subprocess_stdin_bytes_that_are_not_utf8_are_refused(
+    server: FakeNanoBanana, encoding: str
+) -> None:
+    """Whatever the locale decodes stdin as: under Latin-1 any bytes decode, and UTF-8
+    text would have gone to the service as mojibake."""
+    process = await spawn(
+        "generate", "-", "--no-wait", server=server, env={"PYTHONIOENCODING": encoding},
+        stdin=True,
+    )  # fmt: skip
+    assert process.stdin is not None
+    async with asyncio.timeout(WAIT):
+        _, err = await process.communicate(b"a cat \xff\xfe")
+    assert process.returncode == 2, err
+    assert b"stdin is not UTF-8 text" in err
+    assert not server.counts
+    process = await spawn(
+        "generate", "-", "--no-wait", "--json", server=server,
+        env={"PYTHONIOENCODING": encoding}, stdin=True,
+    )  # fmt: skip
+    async with asyncio.timeout(WAIT):
+        _, err = await process.communicate("un café".encode())
+    assert process.returncode == 0, err
+    (task,) = server.tasks.values()
+    assert task.prompt == "un café"
+
+
 async def test_subprocess_generate_json(server: FakeNanoBanana) -> None:
     process = await spawn(
         "generate", "a cat", "--count", "2", "--poll-interval", "0.02", "--json", server=server

@@ -520,15 +520,21 @@ async def test_a_failing_publish_is_logged_once_and_never_raises(
         await admin.aclose()
     a = await fleet.build()
     url = f"redis://listener:s3cret-pw-xyz@127.0.0.1:{redis_server.port}/0"
-    async with RedisRelay(a.client, url, channel="test-fleet") as relay:
+    async with RedisRelay(a.client, url, channel="test-fleet", keepalive=0.1) as relay:
         assert relay.connected
         assert "s3cret" not in repr(relay)
         for _ in range(3):
             assert not await relay.publish(Task(id="t"))
         assert relay.stats.unpublished == 3
+        # Redis answered "no": the link is fine. (It once read as an outage, and the
+        # relay flapped between down and up with a warning per callback.)
+        await asyncio.sleep(0.3)
+        assert relay.connected
+        assert relay.stats.disconnects == 0
     down = [r for r in caplog.records if r.levelno >= logging.WARNING]
     assert len(down) == 1
     assert "NoPermission" in down[0].getMessage()
+    assert "is down" not in caplog.text
     assert "s3cret" not in caplog.text
 
 
@@ -617,22 +623,27 @@ class Blackhole:
             await self.server.wait_closed()
 
 
+@pytest.mark.parametrize("noticed_by", ["keepalive", "a failed publish"])
 async def test_a_link_gone_silent_is_noticed_and_the_relay_reconnects(
-    fleet: Fleet, redis_server: RedisServer
+    fleet: Fleet, redis_server: RedisServer, noticed_by: str
 ) -> None:
     """Found in review: a connection that stops carrying bytes without a reset left
     the relay "connected" and deaf for ever; a failed publish did not mend it either."""
     proxy = Blackhole(redis_server.port)
     await proxy.start()
+    keepalive = 0.2 if noticed_by == "keepalive" else 60.0
     try:
         async with NanoBananaClient(fleet.server.token, base_url=fleet.server.base_url) as client:
             url = f"redis://127.0.0.1:{proxy.port}/0"
             relay = RedisRelay(
-                client, url, keepalive=0.2, connect_timeout=0.5, max_reconnect_wait=0.2
+                client, url, keepalive=keepalive, connect_timeout=0.5, max_reconnect_wait=0.2
             )
             async with relay:
                 assert relay.connected
                 proxy.silent = True
+                if noticed_by == "a failed publish":
+                    async with asyncio.timeout(2.0):  # bounded by connect_timeout
+                        assert not await relay.publish(Task(id="t"))
                 await wait_until(lambda: relay.stats.disconnects == 1)
                 assert not relay.connected
                 assert not await relay.publish(Task(id="t"))  # skipped while down

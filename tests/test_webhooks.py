@@ -423,6 +423,13 @@ async def test_refusals_are_logged_once_then_counted(
     refused = [r for r in caplog.records if "wrong or missing secret" in r.getMessage()]
     assert [r.levelno for r in refused] == [logging.INFO] + [logging.DEBUG] * 19
     assert rig.receiver.stats.unauthorized == 20
+    # A delivery with the right secret ends the run: the next wrong one is news again
+    # (a replica deployed with another secret, say, after scanners hit the URL early).
+    caplog.clear()
+    assert await rig.post(forged("t")) == 200
+    assert await rig.post(forged("t"), secret="wrong-secret-of-a-decent-length") == 401
+    refused = [r for r in caplog.records if "wrong or missing secret" in r.getMessage()]
+    assert [r.levelno for r in refused] == [logging.INFO]
 
 
 async def test_oversized_bodies_are_413(make_rig: RigFactory) -> None:

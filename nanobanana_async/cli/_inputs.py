@@ -124,11 +124,17 @@ def read_stdin(stdin: TextIO, what: str) -> str:
     """All of standard input as text, refused unless it is UTF-8 (bytes that are not
     would reach the service as a garbled prompt or id, and be paid for)."""
     try:
-        text = stdin.read()
-        text.encode("utf-8")  # a stream read with surrogateescape keeps bad bytes so
+        raw = getattr(stdin, "buffer", None)
+        if raw is not None:
+            # The bytes themselves: a stream decoded by the locale (Latin-1, cp1252)
+            # would take any bytes, and turn UTF-8 text into mojibake.
+            text: str = raw.read().decode("utf-8")
+        else:  # a text-only stream (a StringIO)
+            text = stdin.read()
+            text.encode("utf-8")  # read with surrogateescape, bad bytes are kept so
     except UnicodeError:
         raise UsageError(f"stdin is not UTF-8 text: cannot read the {what} from it") from None
-    return text
+    return text.replace("\r\n", "\n")
 
 
 def read_prompt(value: str, stdin: TextIO) -> str:
