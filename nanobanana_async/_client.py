@@ -188,16 +188,22 @@ class NanoBananaClient:
 
     async def aclose(self) -> None:
         """Stop the poll loop, fail waits still in progress, close an owned session."""
-        if self._closed:
+        if self._closed and self._session is None:
             return
         self._closed = True
-        await self._poller.aclose()
-        # Before the session: aiohttp leaves a body read hanging when its session closes.
-        await self._downloads.aclose()
-        await self._calls.aclose()
-        session, self._session = self._session, None
-        if session is not None and self._owns_session:
-            await session.close()
+        try:
+            await self._poller.aclose()
+            # Before the session: aiohttp leaves a body read hanging when its session
+            # closes under it.
+            await self._downloads.aclose()
+            await self._calls.aclose()
+        finally:
+            # Even when this close is itself cancelled (a TaskGroup, a second Ctrl-C):
+            # an owned session is closed, or a later aclose() closes it.
+            session = self._session
+            if session is not None and self._owns_session:
+                await asyncio.shield(session.close())
+            self._session = None
 
     def _check_open(self) -> None:
         if self._closed:

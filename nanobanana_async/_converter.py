@@ -67,15 +67,24 @@ def _structure_float(value: Any, _: type) -> float:
     if type(value) is float:
         return value
     if type(value) is int:
-        return float(value)
+        return _int_float(value)
     raise _type_error("a number", value)
+
+
+def _int_float(value: int) -> float:
+    """An int as a float; one too large for a float is a decode error, not an
+    OverflowError escaping the decoder."""
+    try:
+        return float(value)
+    except OverflowError:
+        raise _type_error("a number that fits a float", value) from None
 
 
 def _structure_optional_float(value: Any, _: type) -> float | None:
     if type(value) is float or value is None:
         return value
     if type(value) is int:
-        return float(value)
+        return _int_float(value)
     raise _type_error("a number or null", value)
 
 
@@ -147,7 +156,10 @@ def _lenient_seconds(value: Any, _: type) -> float | None:
     if type(value) is float:
         return value if value - value == 0.0 else None  # NaN and infinities are not times
     if type(value) is int:
-        return float(value)
+        try:
+            return float(value)
+        except OverflowError:  # a 400-digit integer is valid JSON, and no time
+            return None
     if type(value) is str:
         try:
             seconds = float(value)
@@ -309,6 +321,7 @@ _FAILURES = (
     cattrs.BaseValidationError,
     TypeError,
     ValueError,
+    OverflowError,
     KeyError,
     AttributeError,
     RecursionError,

@@ -93,6 +93,7 @@ _MAX_FAILURE_WAIT = 30.0  # cap on the loop's own backoff after failed requests
 _MAX_IN_FLIGHT = 32  # requests running at once
 _GARBLED = 3  # unreadable answers in a row, for one id alone, that fail its waiters
 _REFUSALS = 3  # code-less 401/403/404 answers in a row that fail every waiter
+_HELD_HALVES = 32  # halves of failed requests waiting out their backoff, at most
 _NOTED_FAILURES = 10  # other failed tasks named on as_completed's error, at most
 _RECENT_LIMIT = 1024  # callbacks remembered for waits not started yet
 _SLACK = 0.001  # seconds: due this soon is due now
@@ -123,6 +124,7 @@ class _Entry:
         "polling",
         "refs",
         "scheduled",
+        "suspect",
         "task_id",
         "version",
         "watched",
@@ -143,6 +145,9 @@ class _Entry:
         self.watched = False  # whether the poller holds it (in ``_entries``)
         self.missing_since: float | None = None
         self.garbled = 0  # unreadable answers in a row to a request for it alone
+        # It failed in a request of its own: it may be the id the service trips over
+        # (a 5xx for it alone), so it is read alone until a read of it succeeds.
+        self.suspect = False
         # One waiter's future alone (the common case, no list to pay for), or a list.
         self.listeners: asyncio.Future[None] | list[asyncio.Future[None]] | None = None
         self.on_settle: list[Callable[[_Entry], None]] | None = None
@@ -429,6 +434,8 @@ class Poller:
         self._eager = _Schedule()
         self._lazy = _Schedule()
         self._splits: deque[list[_Entry]] = deque()  # refused batches, in halves
+        # Halves of failed requests, each held until its backoff ends (then a split).
+        self._held: set[asyncio.TimerHandle] = set()
         self._alarms = _Alarms()
         self._task: asyncio.Task[None] | None = None
         self._requests: set[asyncio.Task[None]] = set()
@@ -446,6 +453,9 @@ class Poller:
         self._closed = False
         self._recent: OrderedDict[str, Task] = OrderedDict()
         self._announced: OrderedDict[str, None] = OrderedDict()  # see expedite()
+        # Ids that failed in requests of their own, remembered past their entries: a
+        # wait started again on one must not bring it back into shared requests.
+        self._suspects: OrderedDict[str, None] = OrderedDict()
 
     # --- waiters --------------------------------------------------------------------
 
@@ -614,6 +624,7 @@ class Poller:
                 del self._announced[task_id]
                 lazy = False
             entry = _Entry(task_id, lazy, now, fresh)
+            entry.suspect = task_id in self._suspects
             # A finished record already in hand (the caller's, or a callback's): no polling.
             finished = self._recent.pop(task_id, None) or finished
             if finished is not None:
@@ -657,6 +668,9 @@ class Poller:
         self._eager.clear()  # only stale items can be left: let their entries go
         self._lazy.clear()
         self._splits.clear()
+        for handle in self._held:
+            handle.cancel()
+        self._held.clear()
         task, self._task = self._task, None
         running = [job for job in (*self._requests, task) if job is not None and not job.done()]
         for job in running:
@@ -825,6 +839,8 @@ class Poller:
             spare = -len(taken) % size
             if spare:
                 self._eager.take(math.inf, len(taken) + spare, taken)
+            if any(entry.suspect for entry in taken):
+                taken = self._apart(taken, batches, slots, now)
             batches.extend(taken[i : i + size] for i in range(0, len(taken), size))
         for batch in batches:
             ids = []
@@ -835,6 +851,22 @@ class Poller:
             request = loop.create_task(self._request(batch, ids, loop.time()))
             self._requests.add(request)
             request.add_done_callback(self._request_done)
+
+    def _apart(
+        self, taken: list[_Entry], batches: list[list[_Entry]], slots: int, now: float
+    ) -> list[_Entry]:
+        """Give each suspect a request of its own, within the round's slots (the others
+        go back, due now); returns the rest of ``taken``."""
+        rest = [entry for entry in taken if not entry.suspect]
+        free = slots - len(batches) - math.ceil(len(rest) / self._batch_size)
+        for entry in taken:
+            if entry.suspect:
+                if free > 0:
+                    batches.append([entry])
+                    free -= 1
+                else:
+                    self._push(entry, now)
+        return rest
 
     def _request_done(self, request: asyncio.Task[None]) -> None:
         self._requests.discard(request)
@@ -893,8 +925,8 @@ class Poller:
             raw, last = get(entry.task_id), entry.last
             if raw is not None and last is not None and unchanged(raw, last):
                 # The common case, kept lean: a pending record that did not move.
-                if entry.missing_since is not None or entry.garbled:
-                    entry.missing_since, entry.garbled = None, 0
+                if entry.missing_since is not None or entry.garbled or entry.suspect:
+                    self._cleared(entry)
                 due: float | None = self._due(entry, now)
             else:
                 try:
@@ -914,12 +946,21 @@ class Poller:
             if capped < self._sleeping_until:
                 self._wake()
 
+    def _cleared(self, entry: _Entry) -> None:
+        """A request with ``entry`` in it was answered: nothing holds against it now."""
+        entry.missing_since, entry.garbled = None, 0
+        if entry.suspect:
+            entry.suspect = False
+            self._suspects.pop(entry.task_id, None)
+
     def _take(self, entry: _Entry, raw: Any, now: float) -> float | None:
         """What one answer says of one entry: a change, the outcome, or nothing yet.
 
         Returns when to read the entry next (the caller puts it back), or None when it
         was settled.
         """
+        if entry.suspect:
+            self._cleared(entry)  # a request with it in it succeeded
         if raw is None:
             # The service may not list a just-submitted id yet: give it some grace.
             if entry.missing_since is None:
@@ -1008,10 +1049,41 @@ class Poller:
             delay = self._retry.lengthened(delay, exc)
             self._paused_until = max(self._paused_until, now + delay)
         logger.warning("poll request failed, retrying in %.1f s: %s", delay, exc)
+        live = []
         for entry in batch:
             entry.polling = False
             if self._live_entry(entry):
+                live.append(entry)
+        if isinstance(exc, RateLimitError) or len(live) < 2 or len(self._held) >= _HELD_HALVES:
+            # (A 429 is about the client, not its ids; an outage fails every request:
+            # past _HELD_HALVES halves waiting, the rest go back whole.)
+            for entry in live:
+                if len(live) == 1 and not isinstance(exc, RateLimitError):
+                    entry.suspect = True
+                    _remember(self._suspects, entry.task_id, None)
                 self._schedule(entry, now, delay)
+            return
+        # The request may hold an id the service trips over (a 5xx, a hang, a proxy page
+        # for that id alone): its halves go back apart, each sent as it is once the
+        # backoff ends, so the other ids are not held with it, and it ends up alone.
+        middle = len(live) // 2
+        for half in (live[:middle], live[middle:]):
+            self._hold(half, now + delay)
+
+    def _hold(self, half: list[_Entry], when: float) -> None:
+        """Send ``half`` as one request of its own at ``when`` (a split, not topped up)."""
+        loop = asyncio.get_running_loop()
+
+        def release() -> None:
+            self._held.discard(handle)
+            # Still watched and not read or queued again meanwhile (a callback, say).
+            ready = [e for e in half if self._live_entry(e) and not e.scheduled and not e.polling]
+            if ready:
+                self._splits.append(ready)
+                self._wake()
+
+        handle = loop.call_at(when, release)
+        self._held.add(handle)
 
 
 def _note_failures(error: BaseException, failed: list[tuple[str, BaseException]]) -> None:

@@ -354,7 +354,20 @@ def parse_submission(response: RawResponse, *, callback_url: str | None = None) 
     The id is strict (a non-empty string): a possibly paid task id is never replaced
     by a stringified ``null`` or object.
     """
-    payload = decipher(response)
+    try:
+        payload = decipher(response)
+    except APIError as exc:
+        # An error answer that still names a task (a 500 or 429 body with a task_id):
+        # the id reaches the user, and the submission is not sent again.
+        named = _load_json(response.body)
+        task_id = _wire_id(named.get("task_id")) if isinstance(named, dict) else None
+        if task_id is not None:
+            exc.task_id = task_id
+            exc.add_note(
+                f"The answer named task {task_id}: it may exist and be paid for; wait on "
+                "that id before submitting again."
+            )
+        raise
     raw_id = payload.get("task_id")
     if _wire_id(raw_id) is None:
         # Whatever stands there goes in the message: if it is the task's id in another

@@ -201,7 +201,7 @@ def is_retryable_read(exc: Exception) -> bool:
 def is_retryable_submission(exc: Exception) -> bool:
     """A paid submission may be retried only if the service cannot have taken it."""
     if isinstance(exc, RateLimitError):
-        return True
+        return exc.task_id is None  # a 429 that names a task made one: never again
     return isinstance(exc, APIConnectionError) and not exc.request_sent
 
 
@@ -211,6 +211,8 @@ def may_have_created_task(exc: NanoBananaError) -> bool:
     status (400, 401, 403, 404, 429) says for certain that it did not."""
     if isinstance(exc, APIConnectionError | ClientClosedError):
         return exc.request_sent
+    if isinstance(exc, APIError) and exc.task_id is not None:
+        return True  # the answer named a task, whatever its status
     return isinstance(exc, ServerError | ResponseDecodeError)
 
 

@@ -25,14 +25,17 @@ from ._protocol import RawResponse
 __all__ = ["Credentials", "network_error", "post"]
 
 _CHUNK = 64 * 1024
+_MIN_SCRUBBED = 8  # tokens shorter than this are not scrubbed: they would match any text
 
 
 class Credentials:
     """The API's request headers, token included; shown as ``***`` by ``repr``."""
 
-    __slots__ = ("_headers",)
+    __slots__ = ("_headers", "_token")
 
     def __init__(self, token: str, user_agent: str) -> None:
+        # Scrubbed from answers (below) when long enough to be told from ordinary text.
+        self._token = token.encode() if len(token) >= _MIN_SCRUBBED else None
         self._headers: Mapping[str, str] = {
             "authorization": f"Bearer {token}",
             "accept": "application/json",
@@ -46,6 +49,13 @@ class Credentials:
 
     def __repr__(self) -> str:
         return "<Credentials authorization=***>"
+
+    def scrub(self, body: bytes) -> bytes:
+        """``body`` with the token replaced by ``***``: a server that echoes the request
+        (an echo service or debug proxy at a wrong base URL) must not put the token in
+        error messages, excerpts or logs built from its answer."""
+        token = self._token
+        return body.replace(token, b"***") if token is not None and token in body else body
 
 
 async def post(
@@ -66,24 +76,32 @@ async def post(
             timeout=timeout,
             allow_redirects=False,
         ) as response:
+            status, headers = response.status, response.headers
             content = await _read_capped(response, max_size)
-            return RawResponse(response.status, response.headers, content)
+        # The response's request_info holds the Authorization header: not a local of a
+        # frame that raises below.
+        del response
     except (aiohttp.ClientError, TimeoutError) as exc:
         error = network_error(exc, str(url.origin()), timeout.total)
+    else:
+        if content is None:
+            raise _too_large(status, max_size)
+        return RawResponse(status, headers, credentials.scrub(content))
     # Raised here, outside the except block, so the aiohttp error (whose request_info
     # and traceback hold the Authorization header) is neither its cause nor its context.
     raise error from None
 
 
-async def _read_capped(response: aiohttp.ClientResponse, limit: int) -> bytes:
-    """The body, or a ResponseDecodeError once it passes ``limit`` bytes.
+async def _read_capped(response: aiohttp.ClientResponse, limit: int) -> bytes | None:
+    """The body, or None once it passes ``limit`` bytes (the caller raises, outside the
+    response's context).
 
     Streamed when it may grow past its Content-Length (compressed, or no length given):
     aiohttp inflates gzip bit by bit as it is read, so memory stays near ``limit``.
     """
     length = response.content_length
     if length is not None and length > limit:
-        raise _too_large(response.status, limit)
+        return None
     if length is not None and not response.headers.get("Content-Encoding"):
         return await response.read()  # exactly Content-Length bytes
     chunks: list[bytes] = []
@@ -92,7 +110,7 @@ async def _read_capped(response: aiohttp.ClientResponse, limit: int) -> bytes:
         size += len(chunk)
         if size > limit:
             # Leaving ``async with`` with the body unread closes the connection.
-            raise _too_large(response.status, limit)
+            return None
         chunks.append(chunk)
     return b"".join(chunks)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Callable
 
@@ -440,6 +441,29 @@ async def test_aclose_stops_api_calls_in_flight_at_once(
         await client.generate("a cat")
     assert not getattr(closed.value, "__notes__", None)  # closed before: nothing was sent
     assert not closed.value.request_sent
+
+
+async def test_an_aclose_cancelled_midway_still_closes_the_session(
+    make_client: MakeClient, server: FakeNanoBanana
+) -> None:
+    # Found in review: a cancel during aclose (a TaskGroup, a second Ctrl-C) left the
+    # owned session open for good, and a second aclose() returned at once.
+    server.inject("slow", delay=30, times=5)
+    client = make_client(timeout=20)
+    waiting = asyncio.create_task(client.wait(server.add_task(duration=60), timeout=30))
+    await wait_for_requests(server, 1)
+    session = client._session
+    assert session is not None
+    closing = asyncio.create_task(client.aclose())
+    await asyncio.sleep(0)
+    closing.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await closing
+    async with asyncio.timeout(5):
+        await client.aclose()
+    assert session.closed
+    with pytest.raises(ClientClosedError):
+        await waiting
 
 
 async def wait_for_requests(server: FakeNanoBanana, count: int) -> None:

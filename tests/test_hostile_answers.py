@@ -10,10 +10,12 @@ from __future__ import annotations
 import asyncio
 import io
 import json
+import logging
 import traceback
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
+import aiohttp
 import pytest
 from aiohttp import web
 from conftest import FAST, load_fixture
@@ -24,6 +26,7 @@ from rich.traceback import Traceback
 
 from nanobanana_async import (
     APIConnectionError,
+    AuthenticationError,
     NanoBananaClient,
     NanoBananaError,
     RateLimitError,
@@ -166,6 +169,21 @@ async def test_a_submission_answer_without_a_task_id_string_is_an_error(
         assert "it holds" in str(info.value)
 
 
+@pytest.mark.parametrize(("status", "error"), [(500, ServerError), (429, RateLimitError)])
+async def test_an_error_answer_that_names_a_task_gives_its_id_and_is_not_sent_again(
+    client: NanoBananaClient, server: FakeNanoBanana, status: int, error: type[Exception]
+) -> None:
+    # Found in review: the id was dropped, and a 429 naming a task was retried, so the
+    # user got a second paid task's id and lost the first.
+    body = {"success": False, "task_id": "T-1", "error": {"code": "x", "message": "busy"}}
+    server.inject("not_json", action="generate", status=status, body=json.dumps(body), times=5)
+    with pytest.raises(error) as info:
+        await client.generate("a cat")
+    assert getattr(info.value, "task_id", None) == "T-1"
+    assert "The answer named task T-1" in notes(info.value)
+    assert server.counts["generate"] == 1
+
+
 # --- 5. answer size ------------------------------------------------------------------------
 
 
@@ -235,6 +253,8 @@ ODD_FIELDS = [
     {"created_at": "2025-09-06T18:23:56Z"},
     {"request": "generate a cat"},
     {"trace_id": 7},
+    # Valid JSON, and no float: it raised a raw OverflowError, hiding the images.
+    {"created_at": 10**400, "elapsed": -(10**400)},
 ]
 
 
@@ -350,6 +370,66 @@ async def test_the_token_is_not_shown_in_tracebacks_of_api_errors(
         exc = await caught(client.retrieve("x"))
     assert isinstance(exc, ResponseDecodeError)
     assert SECRET not in rendered(exc)
+
+
+@pytest.fixture
+async def echo_server() -> AsyncIterator[str]:
+    """A server that echoes the request's Authorization header in its answers, as an
+    echo service or debug proxy at a wrong base URL would."""
+
+    async def handle(request: web.Request) -> web.Response:
+        header = request.headers.get("Authorization", "")
+        kind = request.match_info["tail"]
+        if kind.startswith("json"):
+            body = {"success": False, "error": {"code": "invalid_token", "message": header}}
+            return web.json_response(body, status=401)
+        page = f"<html><title>502 {header}</title><body>{header}</body></html>"
+        return web.Response(text=page, status=502, content_type="text/html")
+
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", handle)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
+    try:
+        yield f"http://127.0.0.1:{runner.addresses[0][1]}"
+    finally:
+        await runner.cleanup()
+
+
+@pytest.mark.parametrize("kind", ["json", "html"])
+async def test_an_answer_that_echoes_the_token_never_shows_it(
+    echo_server: str, kind: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    async with NanoBananaClient(SECRET, base_url=f"{echo_server}/{kind}", **FAST) as client:
+        exc = await caught(client.retrieve("x"))
+        waited = await caught(client.wait("x", timeout=0.5))
+    assert isinstance(exc, AuthenticationError if kind == "json" else ServerError)
+    for error in (exc, waited):
+        assert SECRET not in str(error) + repr(error) + notes(error)
+        assert SECRET not in str(getattr(error, "body_excerpt", ""))
+        assert SECRET not in rendered(error)
+    assert SECRET not in caplog.text
+
+
+async def test_a_refused_large_answer_leaves_no_response_in_the_traceback(
+    server: FakeNanoBanana,
+) -> None:
+    """The response object (whose request_info holds the Authorization header) was a
+    local of the frame that raised the size error."""
+    server.inject("gzip_bomb", size=4 * 1024 * 1024)
+    async with NanoBananaClient(
+        SECRET, base_url=server.base_url, max_response_bytes=1024 * 1024, **FAST
+    ) as client:
+        exc = await caught(client.retrieve("x"))
+    assert isinstance(exc, ResponseDecodeError)
+    frames = traceback.walk_tb(exc.__traceback__)
+    assert not any(
+        isinstance(value, aiohttp.ClientResponse)
+        for frame, _ in frames
+        for value in frame.f_locals.values()
+    )
 
 
 # --- a small scripted server, for answers FakeNanoBanana does not make ---------------------

@@ -15,6 +15,7 @@ import functools
 import itertools
 import time
 from collections.abc import Awaitable, Callable, Coroutine
+from contextlib import suppress
 from typing import Any
 
 import looptime
@@ -396,6 +397,38 @@ async def test_a_proxy_page_once_fails_no_one_but_repeated_it_fails_everyone(
     ids = [service.add(f"u{i}", finish=60.0) for i in range(4)]
     failures = await asyncio.gather(*(wait(poller, Target(i)) for i in ids), return_exceptions=True)
     assert all(isinstance(failure, NotFoundError) for failure in failures)
+
+
+@on_fake_time
+async def test_an_id_the_service_trips_over_holds_back_no_other_task(service: Service) -> None:
+    # Found in review: a request holding one id the service answers 500 for (or hangs
+    # on) was retried whole, topped up again with the others, so none of them finished.
+    poller = make_poller(service)
+    ids = [service.add(f"t{i}", finish=1.0) for i in range(19)]
+    service.add("bad", finish=1.0)
+
+    async def trip(batch: list[str]) -> None:
+        if "bad" in batch:
+            raise ServerError("fetch failed", status=500)
+
+    service.fault = trip
+    bad = asyncio.create_task(wait(poller, Target("bad"), timeout=60.0))
+    results = await asyncio.gather(*(wait(poller, Target(i)) for i in ids))
+    assert all(task.done for task in results)
+    assert now() < 10.0  # the healthy ones split off within a few backoffs
+    with pytest.raises(TaskTimeoutError):
+        await bad
+    # Once alone, the bad id is read alone: the tasks that come later never share
+    # its request.
+    late = [service.add(f"late{i}", finish=now() + 1.0) for i in range(5)]
+    bad = asyncio.create_task(wait(poller, Target("bad"), timeout=60.0))
+    started = now()
+    results = await asyncio.gather(*(wait(poller, Target(i)) for i in late))
+    assert all(task.done for task in results)
+    assert now() - started < 5.0
+    bad.cancel()
+    with suppress(asyncio.CancelledError):
+        await bad
 
 
 @on_fake_time
