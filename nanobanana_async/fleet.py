@@ -78,6 +78,7 @@ from ._checks import check_count, check_number
 from ._client import NanoBananaClient
 from ._converter import DecodeFailure, converter, structure
 from ._errors import ClientClosedError
+from ._logs import FirstOfRun
 from ._models import Task
 
 __all__ = ["RedisRelay", "RelayDecodeError", "RelayStats", "decode_record", "encode_record"]
@@ -227,7 +228,7 @@ class RedisRelay:
         self._down_reported = False
         self._probe = False  # a publish failed: ping the subscription now
         self._publishing = asyncio.Semaphore(_PUBLISHING)
-        self._refusal_logged = False
+        self._refusals = FirstOfRun(logger)  # Redis refusing to publish, logged once
         self._up_since = 0.0  # when the current subscription was confirmed
         self._connections = 0  # subscriptions made so far
         self._closed = False
@@ -338,10 +339,7 @@ class RedisRelay:
                 # Redis answered, with a refusal (an ACL without PUBLISH, LOADING): the
                 # link is fine, so nothing is reported down; logged once, then counted.
                 self.stats.unpublished += 1
-                level = logging.DEBUG if self._refusal_logged else logging.WARNING
-                self._refusal_logged = True
-                logger.log(
-                    level,
+                self._refusals.log(
                     "Redis refused to publish on %r (%s: %s)",
                     self.channel,
                     type(exc).__name__,

@@ -68,6 +68,7 @@ from . import _protocol
 from ._checks import check_count
 from ._client import NanoBananaClient
 from ._errors import ClientClosedError, NanoBananaError, TaskNotFoundError
+from ._logs import FirstOfRun
 from ._models import Task
 
 if TYPE_CHECKING:  # the relay needs the optional redis package
@@ -171,9 +172,11 @@ class CallbackReceiver:
         self._active: dict[str, asyncio.Task[None]] = {}
         self._relay = relay
         self._closed = False
-        self._refusing = False  # wrong secrets since the last right one: logged once
-        self._overloaded = False  # max_pending reached: logged once until half drained
-        self._failing = False  # confirmations failing: logged once until one works
+        # Each logged once per run, then counted in stats: wrong secrets (until a right
+        # one), overloads (until half drained), failed confirmations (until one works).
+        self._refusals = FirstOfRun(logger, logging.INFO)
+        self._overload = FirstOfRun(logger)
+        self._failures = FirstOfRun(logger)
         self.stats = ReceiverStats()
 
     def __repr__(self) -> str:
@@ -289,14 +292,12 @@ class CallbackReceiver:
         # Anyone can send these: the first of a run is worth a line (a replica with
         # another secret shows up so), the rest are counted. A delivery with the right
         # secret ends the run.
-        level = logging.DEBUG if self._refusing else logging.INFO
-        self._refusing = True
-        logger.log(level, "a callback with a wrong or missing secret was refused (401)")
+        self._refusals.log("a callback with a wrong or missing secret was refused (401)")
         return 401
 
     def _accept(self, body: bytes | str) -> int:
         """Parse and check the body now, handle it later; the status to answer."""
-        self._refusing = False  # the secret was right: a later wrong one is news again
+        self._refusals.end()  # the secret was right: a later wrong one is news again
         if self._closed:
             self.stats.rejected += 1
             return 503
@@ -318,13 +319,11 @@ class CallbackReceiver:
         if len(self._active) >= self.max_pending:
             self.stats.rejected += 1
             # Once per overload, not once per refused delivery (a flood would flood the log).
-            if not self._overloaded:
-                self._overloaded = True
-                logger.warning(
-                    "%d callbacks already queued: refusing more (503) until half are "
-                    "handled; polling will finish their tasks",
-                    len(self._active),
-                )
+            self._overload.log(
+                "%d callbacks already queued: refusing more (503) until half are "
+                "handled; polling will finish their tasks",
+                len(self._active),
+            )
             return 503
         task = asyncio.get_running_loop().create_task(
             self._resolve(claim), name=f"nanobanana-async callback {task_id}"
@@ -337,8 +336,8 @@ class CallbackReceiver:
     def _forget(self, task_id: str, task: asyncio.Task[None]) -> None:
         if self._active.get(task_id) is task:
             del self._active[task_id]
-        if self._overloaded and len(self._active) <= self.max_pending // 2:
-            self._overloaded = False
+        if self._overload.running and len(self._active) <= self.max_pending // 2:
+            self._overload.end()
 
     async def _resolve(self, claim: Task) -> None:
         """Hand one accepted body to the client; every outcome is counted, none raised."""
@@ -357,10 +356,7 @@ class CallbackReceiver:
         except NanoBananaError as exc:
             self.stats.failed += 1
             # Once per run of failures (the service down fails every delivery alike).
-            level = logging.DEBUG if self._failing else logging.WARNING
-            self._failing = True
-            logger.log(
-                level,
+            self._failures.log(
                 "could not confirm the callback for task %r, polling carries on: %s",
                 task_id,
                 exc,
@@ -369,7 +365,7 @@ class CallbackReceiver:
             self.stats.failed += 1
             logger.exception("handling the callback for task %r failed", task_id)
         else:
-            self._failing = False
+            self._failures.end()
             if result is None:
                 self.stats.ignored += 1
             else:
