@@ -74,8 +74,8 @@ class NanoBananaError(Exception):
 class APIError(NanoBananaError):
     """The service answered with an error status (or a 2xx body saying ``success: false``).
 
-    ``task_id`` is the id an error answer to a submission named, if it named one: such a
-    task may exist and be paid for (the error's note says so, with the id).
+    ``task_id`` is the task id the error answer named, if it named one; for a submission,
+    such a task may exist and be paid for (the error's note says so, with the id).
     """
 
     task_id: str | None = None

@@ -282,14 +282,20 @@ def _error_in(response: RawResponse, payload: Any) -> APIError | None:
             message = f"HTTP {status} with no error message"
     cls = _ERROR_CLASSES.get(status, ServerError if status >= 500 else APIError)
     if cls is RateLimitError:
-        return RateLimitError(
+        error: APIError = RateLimitError(
             message,
             status=status,
             code=code,
             trace_id=trace_id,
             retry_after=parse_retry_after(response.headers.get("Retry-After")),
         )
-    return cls(message, status=status, code=code, trace_id=trace_id)
+    else:
+        error = cls(message, status=status, code=code, trace_id=trace_id)
+    if isinstance(payload, dict):
+        # An error answer that still names a task (a submission's 500 or 429): kept, so
+        # the id reaches the user and the submission is not sent again.
+        error.task_id = _wire_id(payload.get("task_id"))
+    return error
 
 
 def error_for(response: RawResponse) -> APIError | None:
@@ -357,15 +363,10 @@ def parse_submission(response: RawResponse, *, callback_url: str | None = None) 
     try:
         payload = decipher(response)
     except APIError as exc:
-        # An error answer that still names a task (a 500 or 429 body with a task_id):
-        # the id reaches the user, and the submission is not sent again.
-        named = _load_json(response.body)
-        task_id = _wire_id(named.get("task_id")) if isinstance(named, dict) else None
-        if task_id is not None:
-            exc.task_id = task_id
+        if exc.task_id is not None:
             exc.add_note(
-                f"The answer named task {task_id}: it may exist and be paid for; wait on "
-                "that id before submitting again."
+                f"The answer named task {exc.task_id}: it may exist and be paid for; wait "
+                "on that id before submitting again."
             )
         raise
     raw_id = payload.get("task_id")
