@@ -444,10 +444,8 @@ class Poller:
         # the heaps again before it sleeps, so nothing need wake it).
         self._sleeping_until = -math.inf
         self._paused_until = 0.0
-        self._failures = 0  # failed requests in a row: the loop's backoff exponent
-        self._last_failure_at = -math.inf  # when the last counted failure was known
-        self._refusals = 0  # code-less 401/403/404 answers in a row (see _refuses_everyone)
-        self._last_refusal_at = -math.inf
+        self._failures = _Streak()  # failed requests in a row: the loop's backoff exponent
+        self._refusals = _Streak()  # code-less 401/403/404 in a row (see _refuses_everyone)
         self._durations: deque[float] = deque(maxlen=_DURATIONS)
         self._shortest: float | None = None
         self._closed = False
@@ -839,7 +837,7 @@ class Poller:
             spare = -len(taken) % size
             if spare:
                 self._eager.take(math.inf, len(taken) + spare, taken)
-            if any(entry.suspect for entry in taken):
+            if self._suspects and any(entry.suspect for entry in taken):
                 taken = self._apart(taken, batches, slots, now)
             batches.extend(taken[i : i + size] for i in range(0, len(taken), size))
         for batch in batches:
@@ -913,7 +911,7 @@ class Poller:
                 if self._live_entry(entry):
                     self._fail(entry, exc)
             return
-        self._failures = self._refusals = 0
+        self._failures.count = self._refusals.count = 0
         now = asyncio.get_running_loop().time()
         get = records.get
         capped = now + self._max_poll_interval
@@ -925,8 +923,10 @@ class Poller:
             raw, last = get(entry.task_id), entry.last
             if raw is not None and last is not None and unchanged(raw, last):
                 # The common case, kept lean: a pending record that did not move.
-                if entry.missing_since is not None or entry.garbled or entry.suspect:
-                    self._cleared(entry)
+                if entry.missing_since is not None or entry.garbled:
+                    entry.missing_since, entry.garbled = None, 0
+                if entry.suspect:
+                    self._trusted(entry)
                 due: float | None = self._due(entry, now)
             else:
                 try:
@@ -946,12 +946,10 @@ class Poller:
             if capped < self._sleeping_until:
                 self._wake()
 
-    def _cleared(self, entry: _Entry) -> None:
-        """A request with ``entry`` in it was answered: nothing holds against it now."""
-        entry.missing_since, entry.garbled = None, 0
-        if entry.suspect:
-            entry.suspect = False
-            self._suspects.pop(entry.task_id, None)
+    def _trusted(self, entry: _Entry) -> None:
+        """A request with a suspect in it was answered: it may share requests again."""
+        entry.suspect = False
+        self._suspects.pop(entry.task_id, None)
 
     def _take(self, entry: _Entry, raw: Any, now: float) -> float | None:
         """What one answer says of one entry: a change, the outcome, or nothing yet.
@@ -960,7 +958,7 @@ class Poller:
         was settled.
         """
         if entry.suspect:
-            self._cleared(entry)  # a request with it in it succeeded
+            self._trusted(entry)
         if raw is None:
             # The service may not list a just-submitted id yet: give it some grace.
             if entry.missing_since is None:
@@ -1019,30 +1017,21 @@ class Poller:
         if is_account_error(exc):
             return True
         if isinstance(exc, POLL_FATAL):
-            self._count_failure(sent)
+            now = asyncio.get_running_loop().time()
+            self._failures.add(sent, now)
             # Counted apart from the backoff's failures: two 5xx then one page are not
-            # three refusals. Requests sent together that fail together count once.
-            if sent > self._last_refusal_at:
-                self._refusals += 1
-                self._last_refusal_at = asyncio.get_running_loop().time()
-            return self._refusals >= _REFUSALS
-        self._refusals = 0
+            # three refusals.
+            return self._refusals.add(sent, now) >= _REFUSALS
+        self._refusals.count = 0
         return False
-
-    def _count_failure(self, sent: float) -> None:
-        """One more failure in a row, unless the request went out before the last failure
-        was known: requests sent together fail together, and are one failure, not many."""
-        if sent > self._last_failure_at:
-            self._failures += 1
-            self._last_failure_at = asyncio.get_running_loop().time()
 
     def _request_failed(self, batch: list[_Entry], exc: NanoBananaError, sent: float) -> None:
         """Put a failed request's entries back, after the loop's backoff; a 429 pauses
         the whole loop for the longer of its Retry-After and that backoff."""
         now = asyncio.get_running_loop().time()
         if not isinstance(exc, POLL_FATAL):  # (those were counted when judged)
-            self._count_failure(sent)
-        failures = max(self._failures, 1)
+            self._failures.add(sent, now)
+        failures = max(self._failures.count, 1)
         delay = min(self._poll_interval * 2.0 ** min(failures - 1, 32), _MAX_FAILURE_WAIT)
         delay *= random.uniform(1.0, 1.25)  # the floor holds; spread only upwards
         if isinstance(exc, RateLimitError):
@@ -1084,6 +1073,24 @@ class Poller:
 
         handle = loop.call_at(when, release)
         self._held.add(handle)
+
+
+class _Streak:
+    """Failures in a row, where requests sent together that fail together count once: a
+    failure counts only if its request went out after the last counted one was known."""
+
+    __slots__ = ("count", "last_at")
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.last_at = -math.inf
+
+    def add(self, sent: float, now: float) -> int:
+        """Count a failure of a request sent at ``sent``, known at ``now``; the count."""
+        if sent > self.last_at:
+            self.count += 1
+            self.last_at = now
+        return self.count
 
 
 def _note_failures(error: BaseException, failed: list[tuple[str, BaseException]]) -> None:
