@@ -9,7 +9,7 @@ from typing import Any, TypeVar
 
 from ._errors import ClientClosedError
 
-__all__ = ["InFlight", "gather_or_cancel"]
+__all__ = ["InFlight", "cancel_and_wait", "gather_or_cancel"]
 
 T = TypeVar("T")
 
@@ -53,11 +53,23 @@ class InFlight:
     async def aclose(self) -> None:
         """Cancel every call still running and wait until each has cleaned up."""
         self._closed = True
-        tasks = list(self._tasks)
-        for task in tasks:
+        await cancel_and_wait(self._tasks)
+
+
+async def cancel_and_wait(tasks: Iterable[asyncio.Future[Any]]) -> None:
+    """Cancel ``tasks`` and wait until every one has ended, through further cancels of
+    the caller (a second Ctrl-C): each cancels them again, none is left running behind.
+    The caller's own cancel is raised once they all have ended."""
+    stopped = False
+    while pending := [task for task in tasks if not task.done()]:
+        for task in pending:
             task.cancel()
-        if tasks:
-            await asyncio.wait(tasks)
+        try:
+            await asyncio.wait(pending)
+        except asyncio.CancelledError:
+            stopped = True
+    if stopped:
+        raise asyncio.CancelledError
 
 
 async def gather_or_cancel(awaitables: Iterable[Awaitable[T]]) -> list[T]:

@@ -74,6 +74,7 @@ from ._batch_records import (
 )
 from ._checks import check_count, check_number
 from ._client import NanoBananaClient
+from ._concurrency import cancel_and_wait
 from ._download import safe_stem as _safe_stem
 from ._errors import (
     APIConnectionError,
@@ -357,10 +358,10 @@ class BatchRunner:
         try:
             if self._driver is not None and not self._driver.done():
                 # The loop was left without closing it: stop the jobs before the journal.
-                await _stop_all({self._driver})
+                await cancel_and_wait({self._driver})
             # Jobs still running (the driver itself was stopped twice): the journal must
             # outlive every one of them, or a task id answered now could not be recorded.
-            await _stop_all(self._tasks)
+            await cancel_and_wait(self._tasks)
         finally:
             try:
                 await self._write_manifest(lambda key: True)
@@ -444,7 +445,7 @@ class BatchRunner:
                 return
         finally:
             # Leaving early (a break, a cancel) stops the jobs; the journal stays consistent.
-            await _stop_all({driver})
+            await cancel_and_wait({driver})
 
     async def _drive(self) -> None:
         """Start every job: waits at once, new submissions whenever the window has room."""
@@ -486,7 +487,7 @@ class BatchRunner:
                 self._room.clear()
                 await self._room.wait()
         finally:
-            await _stop_all(tasks)
+            await cancel_and_wait(tasks)
         if self._fatal is not None:
             raise self._fatal
 
@@ -844,23 +845,6 @@ class BatchRunner:
             if include(result.job.key)
         ]
         await self._journal.run_io(_replace_lines, self._manifest, lines)
-
-
-async def _stop_all(tasks: set[asyncio.Task[None]]) -> None:
-    """Cancel ``tasks`` and wait until every one has ended, through further cancels of
-    the caller (a second Ctrl-C): each is cancelled again, never left running behind.
-    A job stopped twice during its submission gives up on the request (its outcome is
-    then unknown); a job's journal writes always end before it does."""
-    stopped = False
-    while pending := [task for task in tasks if not task.done()]:
-        for task in pending:
-            task.cancel()
-        try:
-            await asyncio.wait(pending)
-        except asyncio.CancelledError:
-            stopped = True  # cancel them again, and still wait for them
-    if stopped:
-        raise asyncio.CancelledError  # the caller's own cancel, once they have all ended
 
 
 def _stops_the_batch(exc: NanoBananaError) -> bool:
