@@ -771,10 +771,10 @@ class BatchRunner:
         files: list[Path] = []
         error: ErrorDetail | None = None
         file_key = _file_key(job.key)
+        by_bytes = self._template.endswith("{ext}")  # the extension of the bytes
         async with self._downloads:
             for index, url in enumerate(image_urls):
                 fields = {"key": file_key, "index": index, "task_id": result.task_id or ""}
-                by_bytes = self._template.endswith("{ext}")  # the extension of the bytes
                 if by_bytes:
                     name = self._template[: -len("{ext}")].format(**fields, ext="")
                 else:

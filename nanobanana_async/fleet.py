@@ -229,6 +229,7 @@ class RedisRelay:
         self._probe = False  # a publish failed: ping the subscription now
         self._publishing = asyncio.Semaphore(_PUBLISHING)
         self._refusals = FirstOfRun(logger)  # Redis refusing to publish, logged once
+        self._malformed = FirstOfRun(logger)  # messages that are not records, logged once
         self._up_since = 0.0  # when the current subscription was confirmed
         self._connections = 0  # subscriptions made so far
         self._closed = False
@@ -434,9 +435,8 @@ class RedisRelay:
         except Exception as exc:  # RelayDecodeError, or a decoder bug: neither stops us
             self.stats.malformed += 1
             # The first one is worth a warning; a flood of them must not flood the log.
-            level = logging.WARNING if self.stats.malformed == 1 else logging.DEBUG
-            logger.log(
-                level, "dropped a message on %r that is not a relayed record: %s", self.channel, exc
+            self._malformed.log(
+                "dropped a message on %r that is not a relayed record: %s", self.channel, exc
             )
             return
         if origin == self._origin:

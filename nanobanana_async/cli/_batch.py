@@ -60,14 +60,11 @@ async def batch(ctx: Context) -> int:
     ctx.resumable = False  # the resume hint is this command, not "tasks wait"
     async with make_client(args) as client:
         progress: BatchProgress | None = None
-        seen: set[str] = set()
 
         def on_submit(job: BatchJob, submission: Submission) -> None:
             # At once, on any stderr: the journal has it too, but a log reader sees it here.
-            # Again: a retry or resubmission in this run, or of a job submitted before.
-            earlier = runner.result(job.key).attempts > 1
-            again = " again" if job.key in seen or earlier else ""
-            seen.add(job.key)
+            # Again: its second submission or later, in this run or over earlier ones.
+            again = " again" if runner.result(job.key).attempts > 1 else ""
             line = f"submitted job {job.key}{again}: task {submission.task_id}"
             if progress is not None:
                 progress.line(line)

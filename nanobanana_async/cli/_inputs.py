@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Final, TextIO
 
 from .._images import MAX_IMAGE_URL_BYTES, image_url
+from .._protocol import check_task_id
 
 __all__ = [
     "MAX_IMAGE_URL_BYTES",
@@ -115,9 +116,12 @@ def _ids_in(value: object) -> list[str]:
 
 def _task_id(value: object) -> str:
     """A task id from a JSON document: a non-empty string (never ``str(None)``)."""
-    if isinstance(value, str) and value.strip():
-        return value
-    raise UsageError(f"stdin holds a task id that is not a non-empty string: {value!r:.60}")
+    try:
+        return check_task_id(value)
+    except ValueError:
+        raise UsageError(
+            f"stdin holds a task id that is not a non-empty string: {value!r:.60}"
+        ) from None
 
 
 def read_stdin(stdin: TextIO, what: str) -> str:
