@@ -63,6 +63,17 @@ async def run_cli(
     return Result(code, captured.out, captured.err)
 
 
+async def run_batch(
+    server: FakeNanoBanana,
+    capsys: pytest.CaptureFixture[str],
+    prompts: Path,
+    out: Path,
+    *args: str,
+) -> Result:
+    """``nanobanana batch PROMPTS --out OUT [ARGS]``, run in this event loop."""
+    return await run_cli(server, capsys, "batch", str(prompts), "--out", str(out), *args)
+
+
 def write_prompts(folder: Path, prompts: list[str], name: str = "prompts.txt") -> Path:
     path = folder / name
     path.write_text("# my prompts\n\n" + "\n".join(prompts) + "\n", encoding="utf-8")
@@ -79,7 +90,7 @@ async def test_batch_runs_and_a_rerun_has_nothing_to_do(
 ) -> None:
     prompts = write_prompts(tmp_path, ["a cat", "a dog", "a bird"])
     out = tmp_path / "out"
-    result = await run_cli(server, capsys, "batch", str(prompts), "--out", str(out), "--json")
+    result = await run_batch(server, capsys, prompts, out, "--json")
     assert result.code == 0, result.err
     doc = result.doc
     assert doc["summary"]["succeeded"] == 3
@@ -91,7 +102,7 @@ async def test_batch_runs_and_a_rerun_has_nothing_to_do(
     assert len(manifest(out)) == 3
     assert result.err.count("submitted job") == 3
 
-    again = await run_cli(server, capsys, "batch", str(prompts), "--out", str(out))
+    again = await run_batch(server, capsys, prompts, out)
     assert again.code == 0
     assert "3 succeeded" in again.out
     assert "3 finished earlier" in again.out
@@ -129,9 +140,9 @@ async def test_a_changed_prompts_file_is_reported_and_nothing_submitted(
 ) -> None:
     prompts = write_prompts(tmp_path, ["a cat", "a dog"])
     out = tmp_path / "out"
-    assert (await run_cli(server, capsys, "batch", str(prompts), "--out", str(out))).code == 0
+    assert (await run_batch(server, capsys, prompts, out)).code == 0
     write_prompts(tmp_path, ["a cat", "a wolf", "a new one"])
-    result = await run_cli(server, capsys, "batch", str(prompts), "--out", str(out))
+    result = await run_batch(server, capsys, prompts, out)
     assert result.code == 2
     assert result.out == ""
     assert f"{prompts} changed since the batch in {out}" in result.err
@@ -140,7 +151,7 @@ async def test_a_changed_prompts_file_is_reported_and_nothing_submitted(
     assert server.counts["generate"] == 2
     # The same prompts with another option are a change too.
     write_prompts(tmp_path, ["a cat", "a dog"])
-    result = await run_cli(server, capsys, "batch", str(prompts), "--out", str(out), "--count", "2")
+    result = await run_batch(server, capsys, prompts, out, "--count", "2")
     assert result.code == 2
     assert "options was {}, now {'count': 2}" in result.err
 
@@ -152,10 +163,10 @@ async def test_a_removed_line_is_a_change_that_keeps_its_task_in_view(
     paid tasks with them, and the run said all was done."""
     prompts = write_prompts(tmp_path, ["a cat", "a dog", "a fox"])
     out = tmp_path / "out"
-    assert (await run_cli(server, capsys, "batch", str(prompts), "--out", str(out))).code == 0
+    assert (await run_batch(server, capsys, prompts, out)).code == 0
     task_id = next(line["task_id"] for line in manifest(out) if line["prompt"] == "a fox")
     write_prompts(tmp_path, ["a cat", "a dog"])
-    result = await run_cli(server, capsys, "batch", str(prompts), "--out", str(out))
+    result = await run_batch(server, capsys, prompts, out)
     assert result.code == 2
     assert f"job 5: was 'a fox', now missing from the input (its task {task_id}" in result.err
     assert len(manifest(out)) == 3  # untouched
@@ -178,7 +189,7 @@ async def test_input_that_is_not_utf8_or_has_odd_line_breaks(
     assert not server.counts
     prompts = tmp_path / "odd.txt"
     prompts.write_text("a cat\u2028in a hat\r\na dog\x0c\n", encoding="utf-8")
-    result = await run_cli(server, capsys, "batch", str(prompts), "--out", str(out), "--json")
+    result = await run_batch(server, capsys, prompts, out, "--json")
     assert result.code == 0, result.err
     assert [job["key"] for job in result.doc["jobs"]] == ["1", "2"]
     assert server.counts["generate"] == 2
@@ -191,7 +202,7 @@ async def test_a_journal_that_is_not_one_is_a_usage_error(
     out = tmp_path / "out"
     (out / ".nanobanana").mkdir(parents=True)
     (out / ".nanobanana" / "journal.sqlite3").write_bytes(b"garbage, not SQLite" * 100)
-    result = await run_cli(server, capsys, "batch", str(prompts), "--out", str(out))
+    result = await run_batch(server, capsys, prompts, out)
     assert result.code == 2
     assert "cannot be used as a batch journal" in result.err
     assert "unexpected" not in result.err
@@ -203,10 +214,8 @@ async def test_raised_retries_are_announced_as_new_submissions(
 ) -> None:
     prompts = write_prompts(tmp_path, ["fine", "upstream trouble [fail:top]"])
     out = tmp_path / "out"
-    assert (await run_cli(server, capsys, "batch", str(prompts), "--out", str(out))).code == 1
-    result = await run_cli(
-        server, capsys, "batch", str(prompts), "--out", str(out), "--retries", "1"
-    )
+    assert (await run_batch(server, capsys, prompts, out)).code == 1
+    result = await run_batch(server, capsys, prompts, out, "--retries", "1")
     assert "1 to submit again (each a new paid submission)" in result.err
     assert "submitted job 4 again" in result.err
     assert server.counts["generate"] == 3
@@ -218,15 +227,13 @@ async def test_an_unknown_outcome_is_reported_with_its_prompt(
     prompts = write_prompts(tmp_path, ["a cat [blue]", "a dog"])
     out = tmp_path / "out"
     server.inject("error", action="generate")
-    result = await run_cli(server, capsys, "batch", str(prompts), "--out", str(out))
+    result = await run_batch(server, capsys, prompts, out)
     assert result.code == 1
     assert "OUTCOME UNKNOWN for prompt 'a cat [blue]'" in result.err
     assert "outcome_unknown" in result.out
     assert "a cat [blue]" in result.out  # shown as written, not read as rich markup
     assert "--resubmit-unknown" in result.err
-    result = await run_cli(
-        server, capsys, "batch", str(prompts), "--out", str(out), "--resubmit-unknown"
-    )
+    result = await run_batch(server, capsys, prompts, out, "--resubmit-unknown")
     assert result.code == 0, result.err
     assert server.counts["generate"] == 3
 
